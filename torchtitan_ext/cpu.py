@@ -1,0 +1,235 @@
+"""CPU support: real torchtitan training on CPU with gloo, on 1 or more ranks.
+
+torchtitan 0.3.0 assumes an accelerator. Every adaptation that makes it run on a machine
+without one lives here, each with the limitation it answers. Nothing here runs when an
+accelerator is present, unless ``TORCHTITAN_EXT_DEVICE=cpu`` forces it.
+
+Two entry points:
+- ``adapt_config(config)``: config-level changes, applied by our config functions so they
+  show in ``--debug.print_config`` and stay overridable from the command line.
+- ``install_runtime()``: process-level patches of torchtitan, applied by our Trainer before
+  torchtitan's Trainer picks its device. Idempotent; logged once.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import resource
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torchtitan.tools.logging import logger
+
+_runtime_installed = False
+_autoparallel_installed = False
+
+
+def use_cpu() -> bool:
+    """True when training must run on CPU: no accelerator, or TORCHTITAN_EXT_DEVICE=cpu."""
+    forced = os.environ.get("TORCHTITAN_EXT_DEVICE", "auto")
+    if forced not in ("auto", "cpu"):
+        raise ValueError(f"TORCHTITAN_EXT_DEVICE must be 'auto' or 'cpu', got {forced!r}")
+    return forced == "cpu" or not torch.accelerator.is_available()
+
+
+def adapt_config(config) -> None:
+    """Make a ``Trainer.Config`` train on CPU. No-op when an accelerator is present."""
+    if not use_cpu():
+        return
+    from torchtitan.models.common.attention import FlexAttention
+
+    from torchtitan_ext.models import use_sdpa_attention
+
+    # bf16 matmuls are ~20x slower than float32 on CPUs without AMX, so compute in float32.
+    config.training.mixed_precision_param = "float32"
+    config.training.mixed_precision_reduce = "float32"
+    # CUDA graphs are NVIDIA-only; torchtitan would warn and fall back on every run.
+    config.training.disable_cuda_graphs = True
+    # FlexAttention has no CPU backward kernel: use SDPA (causal) instead.
+    if config.model_spec is not None and any(
+        config.model_spec.model.traverse(FlexAttention.Config)
+    ):
+        use_sdpa_attention(config.model_spec.model)
+    # gloo rejects FSDP's PREMUL_SUM reduce-scatter; torchtitan's own FSDP path needs plain
+    # SUM (then divide). AutoParallel's plans use sum/avg only and need nothing here.
+    if config.model_spec is not None:
+        config.model_spec.parallelize_fn = _with_sum_reduction(config.model_spec.parallelize_fn)
+
+
+def _with_sum_reduction(parallelize_fn):
+    if getattr(parallelize_fn, "_forces_sum_reduction", False):
+        return parallelize_fn
+
+    @functools.wraps(parallelize_fn)
+    def parallelize(model, **kwargs):
+        from torch.distributed.fsdp import FSDPModule
+
+        model = parallelize_fn(model, **kwargs)
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_force_sum_reduction_for_comms(True)
+        return model
+
+    parallelize._forces_sum_reduction = True
+    return parallelize
+
+
+class CPUMemoryMonitor:
+    """torchtitan's DeviceMemoryMonitor for CPU: torch.cpu has no memory_stats,
+    reset_peak_memory_stats or get_device_properties, so report this process's RSS.
+    The peak is the kernel's high-water mark (VmHWM), reset through /proc/self/clear_refs.
+    """
+
+    def __init__(self) -> None:
+        from torchtitan.components.metrics import DeviceMemStats
+
+        self._stats_type = DeviceMemStats
+        self.device = torch.device("cpu")
+        self.device_name = platform.processor() or platform.machine() or "CPU"
+        self.device_capacity = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        self.device_capacity_gib = self.device_capacity / 2**30
+        self.reset_peak_stats()
+
+    @staticmethod
+    def _peak_rss_bytes() -> int:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def get_peak_stats(self):
+        peak = self._peak_rss_bytes()
+        gib, pct = peak / 2**30, 100 * peak / self.device_capacity
+        return self._stats_type(gib, pct, gib, pct, 0, 0)
+
+    def reset_peak_stats(self) -> None:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # 5 resets the peak RSS (Linux >= 4.0)
+        except OSError:
+            pass  # not Linux: the peak then covers the whole process lifetime
+
+
+def _build_cpu_memory_monitor() -> CPUMemoryMonitor:
+    monitor = CPUMemoryMonitor()
+    logger.info(
+        f"CPU capacity: {monitor.device_name} with {monitor.device_capacity_gib:.2f}GiB "
+        "memory (memory figures are this process's peak RSS)"
+    )
+    return monitor
+
+
+def _set_pg_timeouts_cpu(timeout: timedelta, parallel_dims) -> None:
+    # torchtitan's version passes torch.cpu.current_device() (the string "cpu") as a
+    # barrier device id, which gloo rejects; the rest is the same.
+    logger.info(f"Synchronizing and adjusting timeout for all ProcessGroups to {timeout}")
+    dist.barrier()
+    groups = [m.get_group() for m in parallel_dims.get_all_one_dimensional_meshes().values()]
+    for group in [*groups, None]:
+        dist.set_timeout(timeout, group)
+
+
+def install_runtime() -> None:
+    """Patch torchtitan's process-level device assumptions for CPU. No-op with an accelerator."""
+    global _runtime_installed
+    if _runtime_installed or not use_cpu():
+        return
+    import torchtitan.components.metrics as metrics
+    import torchtitan.distributed.utils as dist_utils
+    import torchtitan.tools.utils as tt_utils
+
+    # torchtitan picks its device at import: `_get_available_device_type() or "cuda"`.
+    # Several modules copied that binding at import time; rebind every copy.
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("torchtitan") or module is None:
+            continue
+        if getattr(module, "device_type", None) == "cuda":
+            module.device_type = "cpu"
+        if getattr(module, "device_module", None) is torch.cuda:
+            module.device_module = torch.cpu
+    assert tt_utils.device_type == "cpu"
+    metrics.build_device_memory_monitor = _build_cpu_memory_monitor
+    dist_utils.set_pg_timeouts = _set_pg_timeouts_cpu
+    _runtime_installed = True
+    logger.info(
+        "torchtitan_ext CPU support: no accelerator, training on CPU with gloo "
+        "(float32, SDPA attention, FSDP sum reduction, RSS memory stats)"
+    )
+
+
+def install_autoparallel_runtime() -> None:
+    """Close the gaps that keep AutoParallel (a54c252) from planning and running on CPU.
+
+    Idempotent; no-op with an accelerator. Called by the AutoParallel component before it
+    traces. Each gap was measured on torch 2.14.1 (see the README's CPU section).
+    """
+    global _autoparallel_installed
+    if _autoparallel_installed or not use_cpu():
+        return
+    import autoparallel.cost_models.compute_estimation as compute_estimation
+    from torch.distributed.tensor._ops._view_ops import Broadcast, _ViewShardingPropagator
+
+    # Gap 1: the compute cost model finds its device limits by the CUDA device name and
+    # raises on CPU. AutoParallel's own CPU tests (tests/conftest.py) answer with the H100
+    # entry; we do the same, so plans are costed as for an H100 (relative op costs only).
+    h100 = next(lim for lim in compute_estimation.DEVICE_LIMITS if lim.name == "H100")
+    compute_estimation._get_device_limit = lambda: h100
+
+    # Gap 2 (1-rank meshes only): DTensor's view-op rewrite maps each input dim to its output
+    # dims but has no entry for the singleton dim of aten.expand (a Broadcast), so a Shard on
+    # that size-1 dim (legal only when the mesh dim has size 1) raises KeyError. Treat a
+    # Broadcast like a Repeat: its input dim is not shardable through the view.
+    original_analyze_dim = _ViewShardingPropagator._analyze_dim
+
+    def analyze_dim(self, cmd):
+        if isinstance(cmd, Broadcast):
+            for d in original_analyze_dim(self, cmd.dim):
+                self.shard_allowed[d.input_dim] = [False] * self.mesh_ndim
+            return []
+        return original_analyze_dim(self, cmd)
+
+    _ViewShardingPropagator._analyze_dim = analyze_dim
+
+    # Gap 3: DTensor has sharding strategies for the CUDA SDPA kernels but none for the CPU
+    # flash kernel, so the solver could only replicate attention (the full batch on every
+    # rank). Register the same batch- and head-sharded strategies the CUDA flash op has.
+    _register_cpu_flash_attention_strategies()
+
+    _autoparallel_installed = True
+    logger.info(
+        "torchtitan_ext CPU support for AutoParallel: H100 cost-model limits, 1-rank "
+        "broadcast views, sharded CPU flash attention"
+    )
+
+
+def _register_cpu_flash_attention_strategies() -> None:
+    from torch.distributed.tensor._ops.single_dim_strategy import (
+        _ShardingPlaceholder,
+        register_single_dim_strategy,
+    )
+
+    aten = torch.ops.aten
+
+    @register_single_dim_strategy(aten._scaled_dot_product_flash_attention_for_cpu.default)
+    def flash_cpu_strategy(op, args_schema, kwargs_schema):
+        if kwargs_schema.get("attn_mask") is not None:
+            return []  # a mask would need its own placement; replicate (always offered)
+        # [output, logsumexp, query, key, value]: shard batch (dim 0) or heads (dim 1).
+        return [[_ShardingPlaceholder(dim)] * 5 for dim in (0, 1)]
+
+    @register_single_dim_strategy(
+        aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+    )
+    def flash_cpu_backward_strategy(op, args_schema, kwargs_schema):
+        if kwargs_schema.get("attn_mask") is not None:
+            return []
+        # [grad_q, grad_k, grad_v, grad_out, q, k, v, out, logsumexp].
+        return [[_ShardingPlaceholder(dim)] * 9 for dim in (0, 1)]
