@@ -1,39 +1,63 @@
-"""Named training configs of torchtitan_ext, found by torchtitan's own entry point:
+"""Named training configs of torchtitan_ext.
 
-    python -m torchtitan.train --module config_registry --config llama3_debugmodel_cpu
+torchtitan's own entry point finds them from the repository root:
 
-Each config derives from torchtitan's own config function and changes only what it
-names. Debug configs read the bundled tokenizer and dataset (torchtitan_ext/assets.py).
+    python -m torchtitan.train --module config_registry --config llama3_debugmodel_autoparallel
+
+and so does ./run_train.sh (CONFIG=...). Each config derives from torchtitan's own config
+function and changes only what it names. Debug configs read the bundled tokenizer and
+dataset (torchtitan_ext/assets.py); the large configs keep torchtitan's asset paths and fall
+back to the bundled ones when those are missing. Without an accelerator every config is
+adapted for CPU (torchtitan_ext/cpu.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
-
-from torchtitan.models.llama3.config_registry import llama3_debugmodel
+from torchtitan.components.loss import CrossEntropyLoss
+from torchtitan.models.common.config_utils import decoder_vocab_size
+from torchtitan.models.llama3 import model_registry as llama3_model
+from torchtitan.models.llama3.config_registry import llama3_8b, llama3_debugmodel
+from torchtitan.models.qwen3.config_registry import qwen3_0_6b
 
 from torchtitan_ext import cpu
-from torchtitan_ext.assets import ensure_assets
-from torchtitan_ext.trainer import Trainer
+from torchtitan_ext.assets import ensure_assets, use_bundled_assets_if_missing
+from torchtitan_ext.dataloader import GlobalBatchTextDataLoader
+from torchtitan_ext.models import SharedRoPELlama3Model, use_sdpa_attention
+from torchtitan_ext.trainer import AutoParallelTrainer, Trainer
 
 
-def _derive(config, config_cls):
-    """Re-create a torchtitan config object as ``config_cls`` (a subclass), field by field."""
-    # dataclasses.fields() skips Configurable's _owner ClassVar, as it must.
-    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
-    return config_cls(**values)
-
-
-def _debug_config(config, config_cls):
-    """Our debug configs: bundled assets, CPU-sized sequences, CPU adaptations if needed."""
-    config = _derive(config, config_cls)
+def _debug(config, config_cls):
+    """Our debug configs: bundled assets, batches independent of the data-parallel degree
+    (runs on 1 and 2 ranks see the same global batches), CPU-sized steps, and the CPU
+    adaptations when there is no accelerator."""
+    config = config_cls.derived_from(config)
     assets = ensure_assets()
     config.hf_assets_path = assets.tokenizer_path
-    config.dataloader.dataset_path = assets.dataset_path
-    # 8 x 256 tokens a step: a CPU step takes about a second on 2 cores.
+    config.dataloader = GlobalBatchTextDataLoader.Config(
+        dataset="c4_test", dataset_path=assets.dataset_path
+    )
+    # 8 x 256 tokens a step: about a second a step on 2 CPU cores.
     config.training.seq_len = 256
     config.training.steps = 20
-    config.checkpoint.folder = "checkpoint"
+    cpu.adapt_config(config)
+    return config
+
+
+def _for_autoparallel(config):
+    """What AutoParallel needs from a torchtitan config, applied to torchtitan's config before
+    it becomes ours: SDPA attention (AutoParallel traces SDPA, not FlexAttention), plain
+    cross-entropy (the chunked loss applies lm_head outside the model graph), and no
+    torchtitan activation-checkpoint wrappers (AutoParallel traces the model whole)."""
+    use_sdpa_attention(config.model_spec.model)
+    config.loss = CrossEntropyLoss.Config(global_vocab_size=decoder_vocab_size(config.model_spec))
+    config.activation_checkpoint = None
+    return config
+
+
+def _large(config):
+    """A large config trained through AutoParallel."""
+    config = AutoParallelTrainer.Config.derived_from(_for_autoparallel(config))
+    use_bundled_assets_if_missing(config)
     cpu.adapt_config(config)
     return config
 
@@ -41,4 +65,38 @@ def _debug_config(config, config_cls):
 def llama3_debugmodel_cpu() -> Trainer.Config:
     """torchtitan's llama3 debug model with torchtitan's own parallelization (FSDP),
     trainable on CPU: proves the CPU path independently of AutoParallel."""
-    return _debug_config(llama3_debugmodel(), Trainer.Config)
+    return _debug(llama3_debugmodel(), Trainer.Config)
+
+
+def llama3_debugmodel_autoparallel() -> AutoParallelTrainer.Config:
+    """torchtitan's llama3 debug model parallelized by AutoParallel, with tied embeddings
+    (as in Llama 3.2 1B/3B) so the parameter-alias path runs in every run."""
+    config = _debug(_for_autoparallel(llama3_debugmodel()), AutoParallelTrainer.Config)
+    config.model_spec.model.enable_weight_tying = True
+    return config
+
+
+def llama3_debugmodel_shared_rope_autoparallel() -> AutoParallelTrainer.Config:
+    """The AutoParallel debug config whose layers share one RoPE cache buffer (one tensor
+    under every layers.N.attention.rope.cache), so the buffer-alias path runs end to end."""
+    config = llama3_debugmodel_autoparallel()
+    config.model_spec.model = SharedRoPELlama3Model.Config.from_llama3(config.model_spec.model)
+    return config
+
+
+def llama3_1b_autoparallel() -> AutoParallelTrainer.Config:
+    """Llama 3.2 1B (tied embeddings) through AutoParallel. torchtitan 0.3.0 has no 1B config
+    function, so this is torchtitan's llama3_8b recipe with its "1B" model flavor."""
+    config = llama3_8b()
+    config.model_spec = llama3_model("1B")
+    return _large(config)
+
+
+def llama3_8b_autoparallel() -> AutoParallelTrainer.Config:
+    """torchtitan's llama3_8b through AutoParallel."""
+    return _large(llama3_8b())
+
+
+def qwen3_0_6b_autoparallel() -> AutoParallelTrainer.Config:
+    """torchtitan's qwen3_0_6b (tied embeddings) through AutoParallel."""
+    return _large(qwen3_0_6b())

@@ -137,3 +137,21 @@ def ensure_assets() -> Assets:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return assets
+
+
+def use_bundled_assets_if_missing(config) -> None:
+    """Point a Trainer.Config at the bundled tokenizer and dataset when its own tokenizer
+    folder does not exist (torchtitan's configs name assets that are downloaded by hand,
+    and its debug configs name tests/assets, which the wheel does not ship)."""
+    if os.path.exists(config.hf_assets_path):
+        return
+    assets = ensure_assets()
+    logger.warning(
+        f"Tokenizer folder {config.hf_assets_path} not found: using the bundled tokenizer and "
+        "dataset (vocabulary of 2048). For real assets pass --hf_assets_path, "
+        "--dataloader.dataset and --dataloader.dataset_path."
+    )
+    config.hf_assets_path = assets.tokenizer_path
+    # The "c4_test" loader reads a local folder of JSON lines, which is what we bundle.
+    config.dataloader.dataset = "c4_test"
+    config.dataloader.dataset_path = assets.dataset_path

@@ -40,8 +40,6 @@ def adapt_config(config) -> None:
     """Make a ``Trainer.Config`` train on CPU. No-op when an accelerator is present."""
     if not use_cpu():
         return
-    from torchtitan.models.common.attention import FlexAttention
-
     from torchtitan_ext.models import use_sdpa_attention
 
     # bf16 matmuls are ~20x slower than float32 on CPUs without AMX, so compute in float32.
@@ -50,9 +48,7 @@ def adapt_config(config) -> None:
     # CUDA graphs are NVIDIA-only; torchtitan would warn and fall back on every run.
     config.training.disable_cuda_graphs = True
     # FlexAttention has no CPU backward kernel: use SDPA (causal) instead.
-    if config.model_spec is not None and any(
-        config.model_spec.model.traverse(FlexAttention.Config)
-    ):
+    if config.model_spec is not None:
         use_sdpa_attention(config.model_spec.model)
     # gloo rejects FSDP's PREMUL_SUM reduce-scatter; torchtitan's own FSDP path needs plain
     # SUM (then divide). AutoParallel's plans use sum/avg only and need nothing here.
@@ -225,9 +221,7 @@ def _register_cpu_flash_attention_strategies() -> None:
         # [output, logsumexp, query, key, value]: shard batch (dim 0) or heads (dim 1).
         return [[_ShardingPlaceholder(dim)] * 5 for dim in (0, 1)]
 
-    @register_single_dim_strategy(
-        aten._scaled_dot_product_flash_attention_for_cpu_backward.default
-    )
+    @register_single_dim_strategy(aten._scaled_dot_product_flash_attention_for_cpu_backward.default)
     def flash_cpu_backward_strategy(op, args_schema, kwargs_schema):
         if kwargs_schema.get("attn_mask") is not None:
             return []

@@ -18,12 +18,9 @@ def use_sdpa_attention(model_config) -> None:
     traces SDPA, not Flex. SDPA is still a torchtitan module (Flux builds it directly), so
     we build the flavor with Flex and swap the inner attention configs. SDPA is causal over
     the whole sequence: documents packed in one sequence attend across their boundaries
-    (RoPE still uses per-document positions).
+    (RoPE still uses per-document positions). Idempotent.
     """
-    matches = list(model_config.traverse(FlexAttention.Config))
-    if not matches:
-        raise ValueError("use_sdpa_attention: the model config has no FlexAttention to replace")
-    for _, _, parent, attr in matches:
+    for _, _, parent, attr in list(model_config.traverse(FlexAttention.Config)):
         if isinstance(parent, list):
             parent[attr] = ScaledDotProductAttention.Config()
         else:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
 
+from torchtitan.components.loss import ChunkedLossWrapper
+from torchtitan.config import Configurable
 from torchtitan.trainer import Trainer as TitanTrainer
 
 from torchtitan_ext import cpu
+from torchtitan_ext.auto_parallel import AliasAwareAutoParallel
 
 
 class Trainer(TitanTrainer):
@@ -19,8 +24,48 @@ class Trainer(TitanTrainer):
 
     @dataclass(kw_only=True, slots=True)
     class Config(TitanTrainer.Config):
-        pass
+        @classmethod
+        def derived_from(cls, config: TitanTrainer.Config):
+            """Re-create a torchtitan Trainer.Config as this class, field by field (shared
+            sub-configs, not copies); fields this class adds keep their defaults."""
+            # dataclasses.fields() skips Configurable's _owner ClassVar, as it must.
+            return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
 
     def __init__(self, config: Config):
         cpu.install_runtime()
         super().__init__(config)
+
+
+class AutoParallelTrainer(Trainer):
+    """Trainer whose model is parallelized by ``AliasAwareAutoParallel``."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(Trainer.Config):
+        autoparallel: AliasAwareAutoParallel.Config = field(
+            default_factory=AliasAwareAutoParallel.Config
+        )
+
+        parallelize: Literal["autoparallel", "torchtitan"] = "autoparallel"
+        """Who parallelizes the model: AutoParallel (this project), or the model's own
+        torchtitan parallelize function (FSDP/TP by hand), for baselines and parity checks
+        on the very same config, data and weights."""
+
+        def __post_init__(self):
+            TitanTrainer.Config.__post_init__(self)
+            if isinstance(self.loss, ChunkedLossWrapper.Config):
+                raise ValueError(
+                    "AutoParallel traces lm_head into the model graph, so the chunked loss "
+                    "(which applies lm_head itself) cannot be used: use CrossEntropyLoss"
+                )
+
+        def build(self, **kwargs):
+            # Wire the component in as the model's parallelize_fn. The component checks
+            # that AutoParallel is installed, so a missing engine fails here, before any
+            # process group or model exists.
+            assert self.model_spec is not None, "model_spec must be set before build()"
+            config = self
+            if self.parallelize == "autoparallel":
+                component = self.autoparallel.build()
+                model_spec = dataclasses.replace(self.model_spec, parallelize_fn=component)
+                config = dataclasses.replace(self, model_spec=model_spec)
+            return Configurable.Config.build(config, **kwargs)

@@ -1,0 +1,80 @@
+"""Run ./run_train.sh as a user would and read the step lines it prints."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# torchrun --tee prefixes every line with [rankN]:
+_STEP = re.compile(
+    r"^\[rank(?P<rank>\d+)\]:.*step:\s*(?P<step>\d+)\s+loss:\s*(?P<loss>[-\d.]+)"
+    r".*grad_norm:\s*(?P<grad_norm>[-\d.]+)"
+)
+
+
+@dataclass
+class Run:
+    returncode: int
+    log: str
+    losses: dict[int, dict[int, float]] = field(default_factory=dict)
+    """rank -> step -> loss"""
+    grad_norms: dict[int, dict[int, float]] = field(default_factory=dict)
+
+    def check(self) -> Run:
+        assert self.returncode == 0, f"training exited {self.returncode}:\n{self.log[-6000:]}"
+        return self
+
+    def rank_losses(self, rank: int = 0) -> list[float]:
+        return [loss for _, loss in sorted(self.losses[rank].items())]
+
+
+def run_train(
+    config: str,
+    *args: str,
+    ngpu: int,
+    dump_folder: Path,
+    log_ranks: str = "0",
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+    model: str = "llama3",
+) -> Run:
+    """Run run_train.sh with CONFIG=config, NGPU=ngpu; colors off, step lines parsed."""
+    full_env = {
+        **os.environ,
+        "MODEL": model,
+        "CONFIG": config,
+        "NGPU": str(ngpu),
+        "LOG_RANK": log_ranks,
+        "PYTHON": sys.executable,
+        **(env or {}),
+    }
+    cmd = [
+        str(REPO_ROOT / "run_train.sh"),
+        f"--dump_folder={dump_folder}",
+        "--metrics.disable_color_printing",
+        *args,
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO_ROOT,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
+    log = _ANSI.sub("", proc.stdout)
+    run = Run(returncode=proc.returncode, log=log)
+    for line in log.splitlines():
+        match = _STEP.match(line)
+        if match:
+            rank, step = int(match["rank"]), int(match["step"])
+            run.losses.setdefault(rank, {})[step] = float(match["loss"])
+            run.grad_norms.setdefault(rank, {})[step] = float(match["grad_norm"])
+    return run

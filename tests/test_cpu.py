@@ -1,0 +1,122 @@
+"""CPU support: config adaptations, runtime patches, and AutoParallel's CPU gaps."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+from torchtitan.models.common.attention import FlexAttention, ScaledDotProductAttention
+from torchtitan.models.llama3.config_registry import llama3_debugmodel
+
+from torchtitan_ext import cpu
+
+pytestmark = pytest.mark.skipif(
+    torch.accelerator.is_available(), reason="CPU support is inactive with an accelerator"
+)
+
+
+@pytest.fixture(scope="module")
+def one_rank_group(tmp_path_factory):
+    """A real 1-rank gloo process group in this process."""
+    if dist.is_initialized():
+        yield
+        return
+    store = dist.FileStore(str(tmp_path_factory.mktemp("pg") / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_use_cpu_env_override(monkeypatch):
+    monkeypatch.setenv("TORCHTITAN_EXT_DEVICE", "cpu")
+    assert cpu.use_cpu()
+    monkeypatch.setenv("TORCHTITAN_EXT_DEVICE", "gpu")
+    with pytest.raises(ValueError, match="TORCHTITAN_EXT_DEVICE must be 'auto' or 'cpu'"):
+        cpu.use_cpu()
+
+
+def test_adapt_config():
+    config = llama3_debugmodel()
+    assert any(config.model_spec.model.traverse(FlexAttention.Config))
+    original_parallelize = config.model_spec.parallelize_fn
+    cpu.adapt_config(config)
+    assert config.training.mixed_precision_param == "float32"
+    assert config.training.disable_cuda_graphs
+    assert not any(config.model_spec.model.traverse(FlexAttention.Config))
+    sdpa = list(config.model_spec.model.traverse(ScaledDotProductAttention.Config))
+    assert len(sdpa) == len(config.model_spec.model.layers)
+    wrapped = config.model_spec.parallelize_fn
+    assert wrapped is not original_parallelize and wrapped.__wrapped__ is original_parallelize
+    cpu.adapt_config(config)  # idempotent: no second wrapper
+    assert config.model_spec.parallelize_fn is wrapped
+
+
+def test_install_runtime_rebinds_every_torchtitan_device_global():
+    import torchtitan.components.metrics as metrics
+    import torchtitan.distributed.parallel_dims as parallel_dims
+    import torchtitan.distributed.utils as dist_utils
+    import torchtitan.tools.utils as tt_utils
+
+    cpu.install_runtime()
+    for module in (tt_utils, metrics, parallel_dims, dist_utils):
+        assert module.device_type == "cpu", module.__name__
+    leftovers = [
+        name
+        for name, module in sys.modules.items()
+        if name.startswith("torchtitan")
+        and module is not None
+        and (
+            getattr(module, "device_type", None) == "cuda"
+            or getattr(module, "device_module", None) is torch.cuda
+        )
+    ]
+    assert not leftovers
+    assert metrics.build_device_memory_monitor is cpu._build_cpu_memory_monitor
+    assert dist_utils.set_pg_timeouts is cpu._set_pg_timeouts_cpu
+
+
+def test_memory_monitor_reports_peak_rss():
+    monitor = cpu.CPUMemoryMonitor()
+    before = monitor.get_peak_stats().max_reserved_gib
+    block = torch.ones(64 * 2**20, dtype=torch.float32)  # 256 MiB, touched
+    after = monitor.get_peak_stats().max_reserved_gib
+    assert after - before > 0.2
+    del block
+    monitor.reset_peak_stats()
+    if os.path.exists("/proc/self/clear_refs"):
+        assert monitor.get_peak_stats().max_reserved_gib < after - 0.2
+
+
+def test_expand_of_a_sharded_singleton_dim_on_one_rank(one_rank_group):
+    """Gap 2: DTensor's view rewrite raised KeyError for aten.expand on a 1-rank mesh."""
+    pytest.importorskip("autoparallel", reason="install_autoparallel_runtime imports it")
+    cpu.install_autoparallel_runtime()
+    mesh = init_device_mesh("cpu", (1,))
+    x = distribute_tensor(torch.randn(4, 1, 8), mesh, [Shard(1)])
+    y = x.expand(4, 3, 8)
+    torch.testing.assert_close(y.full_tensor(), x.full_tensor().expand(4, 3, 8))
+
+
+def test_cpu_flash_attention_strategies_registered():
+    pytest.importorskip("autoparallel", reason="install_autoparallel_runtime imports it")
+    from torch.distributed.tensor import DTensor
+
+    cpu.install_autoparallel_runtime()
+    strategies = DTensor._op_dispatcher.sharding_propagator.op_single_dim_strategy_funcs
+    aten = torch.ops.aten
+    assert aten._scaled_dot_product_flash_attention_for_cpu.default in strategies
+    assert aten._scaled_dot_product_flash_attention_for_cpu_backward.default in strategies
+
+
+def test_cost_model_device_limits_on_cpu():
+    pytest.importorskip("autoparallel", reason="install_autoparallel_runtime imports it")
+    from autoparallel.cost_models import compute_estimation
+
+    cpu.install_autoparallel_runtime()
+    assert compute_estimation._get_device_limit().name == "H100"
+    assert compute_estimation._get_device_tflops(torch.float32) > 0

@@ -1,0 +1,394 @@
+"""AliasAwareAutoParallel: torchtitan's ``parallelize_fn``, implemented with Meta's AutoParallel.
+
+The component receives torchtitan's meta-device model and returns the module AutoParallel
+built (trace, constraints, ``optimize_placement``, ``apply_placement``), with every alias
+name of the original model registered on it, kept tied through ``init_weights`` and
+verified. The Trainer then calls ``to_empty()`` and ``init_weights()`` on it as usual.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.placement_types import Replicate, Shard
+from torchtitan.config import TORCH_DTYPE_MAP, Configurable
+from torchtitan.distributed.fsdp import get_fsdp_reshard_after_forward_policy
+from torchtitan.tools.logging import logger
+
+from torchtitan_ext import cpu
+from torchtitan_ext.aliases import AliasError, AliasMap
+
+# The AutoParallel commit this project is tested against; pyproject.toml's extra pins it too.
+AUTOPARALLEL_COMMIT = "a54c2529b1cb10b6b27a585b4a6fc2f84bc1d232"
+AUTOPARALLEL_INSTALL = (
+    "pip install 'autoparallel @ git+https://github.com/meta-pytorch/autoparallel.git@"
+    f"{AUTOPARALLEL_COMMIT}' pulp  (or: pip install -e '.[autoparallel]'). "
+    "The PyPI package named 'autoparallel' is an unrelated project."
+)
+
+# torchtitan mesh axes AutoParallel plans over, in mesh order. The sharded data axis is
+# "fsdp" under the partial_dtensor backend and "dp_shard" under the others; torchtitan keeps
+# it even at size 1, so a 1-rank run gets a 1-rank mesh.
+_DATA_AXES = ("dp_replicate", "fsdp", "dp_shard")
+
+
+def require_autoparallel() -> None:
+    """Raise ImportError with the install command when Meta's AutoParallel is missing."""
+    try:
+        from autoparallel.api import AutoParallel  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            f"Meta's AutoParallel is not installed ({e}). Install it at the pinned commit: "
+            f"{AUTOPARALLEL_INSTALL}"
+        ) from e
+
+
+@dataclass(slots=True)
+class PhaseTimes:
+    """Seconds spent in each start-up phase of the last parallelization."""
+
+    alias_capture: float = 0.0
+    trace: float = 0.0
+    solve: float = 0.0
+    apply: float = 0.0
+    alias_restore: float = 0.0
+    alias_verify: float = 0.0
+    init: float = 0.0
+
+
+class AliasAwareAutoParallel(Configurable):
+    """Parallelize a torchtitan model with AutoParallel, keeping every alias intact."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(Configurable.Config):
+        param_memory_low: float | None = None
+        """Lower bound on the parameter memory each rank holds, as a fraction of all
+        parameters (1.0 = fully replicated). Unset: 0 on a sharded (fsdp) mesh, 1.0 on a
+        replicate-only (data_parallel_replicate_degree) mesh."""
+
+        param_memory_high: float | None = None
+        """Upper bound on the parameter memory each rank holds, as a fraction of all
+        parameters. Unset: 1/(dp_shard * tp) when parameters may be sharded (FSDP-like),
+        1.0 on a replicate-only mesh (DDP-like)."""
+
+        alias_check: Literal["error", "warn", "off"] = "error"
+        """What to do when the parallel model's aliases do not match the original model's
+        (a name missing, a group split into separate tensors, a buffer's persistence
+        changed), checked after parallelization and again after init_weights."""
+
+        placement_file: str = ""
+        """JSON file holding the solver's placements. If it exists, it is loaded and the
+        solve is skipped; otherwise the solution is saved there. Empty: always solve.
+        Relative paths are under dump_folder."""
+
+        data_parallel_matmuls: bool = True
+        """Require every forward matmul to compute on this rank's share of the batch.
+        Without it, the solver's cost model (H100 figures, also on CPU) often prefers
+        gathering the whole batch onto every rank over reducing gradients."""
+
+        dump_placements: bool = False
+        """Write the chosen placements and the plan summary to
+        <dump_folder>/autoparallel/ (rank 0)."""
+
+    def __init__(self, config: Config):
+        require_autoparallel()
+        self.config = config
+        self.times = PhaseTimes()
+        self.alias_map: AliasMap | None = None
+
+    def __call__(
+        self,
+        model: nn.Module,
+        *,
+        parallel_dims,
+        training,
+        parallelism,
+        compile_config,
+        ac_config,
+        dump_folder: str,
+    ) -> nn.Module:
+        from autoparallel.api import AutoParallel
+        from autoparallel.input_validation import ForwardInputs
+        from autoparallel.serialization import load_placements, save_placements
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        if parallel_dims.pp_enabled or parallel_dims.cp_enabled or parallel_dims.ep_enabled:
+            raise ValueError(
+                "AliasAwareAutoParallel plans data and tensor parallelism only: set "
+                "--parallelism.pipeline_parallel_degree, --parallelism.context_parallel_degree "
+                "and --parallelism.expert_parallel_degree to 1"
+            )
+        if ac_config is not None:
+            logger.warning(
+                f"AutoParallel: {type(ac_config).__qualname__} activation checkpointing is not "
+                "applied (AutoParallel traces the model whole); continuing without it"
+            )
+        if compile_config.enable and "model" in compile_config.components:
+            logger.warning("AutoParallel: --compile.enable is not used yet; running eager")
+        cpu.install_autoparallel_runtime()
+        reset_autoparallel_caches()
+
+        t0 = time.perf_counter()
+        self.alias_map = AliasMap.capture(model)
+        self.times.alias_capture = time.perf_counter() - t0
+        if self.alias_map:
+            logger.info(f"AutoParallel: captured aliases before tracing:\n{self.alias_map}")
+
+        shard_axis = "fsdp" if parallelism.spmd_backend == "partial_dtensor" else "dp_shard"
+        axes = [
+            a
+            for a in ("dp_replicate", shard_axis, "tp")
+            if a == shard_axis or parallel_dims.get_optional_mesh(a) is not None
+        ]
+        mesh = parallel_dims.get_mesh(axes if len(axes) > 1 else shard_axis)
+        dp_degree = parallel_dims.dp_replicate * parallel_dims.dp_shard
+        batch = training.local_batch_size * dp_degree
+        vocab_size = model.config.vocab_size
+        mesh_device = torch.device(mesh.device_type)
+
+        def input_fn():
+            # Global shapes of one microbatch, called as the Trainer calls the model:
+            # model(tokens, positions=positions), positions int64 like the dataloader's.
+            tokens = torch.randint(0, vocab_size, (batch, training.seq_len), device=mesh_device)
+            positions = torch.arange(training.seq_len, device=mesh_device).repeat(batch, 1)
+            return ForwardInputs(args=(tokens,), kwargs={"positions": positions})
+
+        param_dtype = TORCH_DTYPE_MAP[training.mixed_precision_param]
+        reduce_dtype = TORCH_DTYPE_MAP[training.mixed_precision_reduce]
+        model_dtype = TORCH_DTYPE_MAP[training.dtype]
+        mp_policy = None
+        if param_dtype != model_dtype or reduce_dtype != model_dtype:
+            mp_policy = MixedPrecisionPolicy(
+                param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False
+            )
+        reshard_after_forward = get_fsdp_reshard_after_forward_policy(
+            parallelism.fsdp_reshard_after_forward, parallel_dims.pp_enabled
+        )
+        low, high = self._memory_bounds(parallel_dims)
+        # Batch on the data axes, replicated on tp; logits likewise (the loss is computed
+        # on each rank's local logits, so tp must hand back full-vocab logits).
+        io_placement = tuple(Shard(0) if a in _DATA_AXES else Replicate() for a in axes)
+        placement_path = self._placement_path(dump_folder)
+
+        logger.info(
+            f"AutoParallel: planning on mesh {dict(zip(axes, mesh.shape, strict=True))}, "
+            f"global batch {batch} x {training.seq_len}, parameter memory per rank in "
+            f"[{low:.3g}, {high:.3g}] of the model"
+        )
+        t0 = time.perf_counter()
+        with AutoParallel(
+            model, input_fn, mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward
+        ) as autop:
+            self.times.trace = time.perf_counter() - t0
+            autop.add_input_constraints([io_placement, io_placement])
+            autop.add_output_constraints([io_placement])
+            autop.add_parameter_memory_constraint(low=low, high=high)
+            constrain_alias_placements(autop, self.alias_map)
+            if self.config.data_parallel_matmuls:
+                data_dims = [i for i, a in enumerate(axes) if a in _DATA_AXES]
+                _constrain_matmuls_to_batch_shards(autop, data_dims=data_dims, batch=batch)
+
+            t0 = time.perf_counter()
+            if placement_path and os.path.exists(placement_path):
+                placement = load_placements(autop.sharding_optimizer, placement_path)
+                logger.info(f"AutoParallel: loaded placements from {placement_path} (no solve)")
+            else:
+                placement = autop.optimize_placement()
+                if placement_path and _is_rank0():
+                    os.makedirs(os.path.dirname(placement_path) or ".", exist_ok=True)
+                    save_placements(autop.sharding_optimizer, placement_path)
+                    logger.info(f"AutoParallel: saved placements to {placement_path}")
+            self.times.solve = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            parallel_model = autop.apply_placement(placement)
+            self.times.apply = time.perf_counter() - t0
+            graph = autop.parallel_gm
+
+        t0 = time.perf_counter()
+        restored = self.alias_map.restore(parallel_model)
+        self.alias_map.keep_tied(parallel_model)
+        self.times.alias_restore = time.perf_counter() - t0
+        if self.alias_map:
+            logger.info(
+                "AutoParallel: alias names re-registered on the parallel model: "
+                f"{restored or 'none (the engine kept them)'}"
+            )
+        self._check_aliases(parallel_model, when="after parallelization")
+        self._wrap_init(parallel_model)
+
+        summary = plan_summary(parallel_model, graph)
+        logger.info(
+            f"AutoParallel: trace {self.times.trace:.1f}s, solve {self.times.solve:.1f}s, "
+            f"apply {self.times.apply:.1f}s; plan: {summary['collectives_text']}; "
+            f"parameters: {summary['placements_text']}"
+        )
+        if self.config.dump_placements and _is_rank0():
+            folder = os.path.join(dump_folder, "autoparallel")
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, "plan.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+            with open(os.path.join(folder, "graph.txt"), "w") as f:
+                f.write(graph.print_readable(print_output=False))
+        return parallel_model
+
+    def _memory_bounds(self, parallel_dims) -> tuple[float, float]:
+        replicate_only = parallel_dims.dp_shard == 1 and parallel_dims.tp == 1
+        default_low, default_high = (
+            (1.0, 1.0)
+            if replicate_only
+            else (0.0, 1.0 / (parallel_dims.dp_shard * parallel_dims.tp))
+        )
+        low = default_low if self.config.param_memory_low is None else self.config.param_memory_low
+        high = (
+            default_high if self.config.param_memory_high is None else self.config.param_memory_high
+        )
+        if not 0.0 <= low <= high <= 1.0:
+            raise ValueError(
+                f"--autoparallel.param_memory_low/high must satisfy 0 <= low <= high <= 1, "
+                f"got low={low}, high={high}"
+            )
+        return low, high
+
+    def _placement_path(self, dump_folder: str) -> str:
+        path = self.config.placement_file
+        if path and not os.path.isabs(path):
+            path = os.path.join(dump_folder, path)
+        return path
+
+    def _check_aliases(self, module: nn.Module, *, when: str) -> None:
+        assert self.alias_map is not None
+        t0 = time.perf_counter()
+        try:
+            if self.config.alias_check != "off":
+                self.alias_map.verify(module)
+        except AliasError as e:
+            if self.config.alias_check == "error":
+                raise
+            logger.warning(f"AutoParallel: alias check {when} failed: {e}")
+        self.times.alias_verify += time.perf_counter() - t0
+
+    def _wrap_init(self, module: nn.Module) -> None:
+        # Runs after AutoParallel's own DTensor-aware init_weights wrapper and alias
+        # keep_tied: time the init, then verify the aliases once values exist.
+        init_weights = module.init_weights
+
+        def timed_init_weights(*args, **kwargs):
+            t0 = time.perf_counter()
+            result = init_weights(*args, **kwargs)
+            self.times.init = time.perf_counter() - t0
+            self._check_aliases(module, when="after init_weights")
+            return result
+
+        module.init_weights = timed_init_weights
+
+
+def reset_autoparallel_caches() -> None:
+    """Clear AutoParallel's strategy and cost caches. They are keyed without the mesh, so a
+    second plan in one process for a mesh of another size would reuse stale strategies and
+    get an infeasible ILP."""
+    from autoparallel.cost_models.collective_runtime_estimation import reset_comms_cost_cache
+    from autoparallel.cost_models.compute_estimation import reset_compute_cost_cache
+    from autoparallel.shardings.placement_options import reset_placement_options_cache
+
+    reset_placement_options_cache()
+    reset_comms_cost_cache()
+    reset_compute_cost_cache()
+
+
+def constrain_alias_placements(autop, alias_map: AliasMap) -> None:
+    """Give every name of an alias group one placement, and replicate view bases.
+
+    The joint graph has one input per FQN, also for names of one tensor (AutoParallel keeps
+    some alias names as separate, possibly unused, inputs), and the solver would place each
+    on its own; but the names are one object after restore(), which can hold one placement.
+    A buffer view is re-derived from its base's local data, so the base stays replicated.
+    """
+    from torch._functorch._aot_autograd.fx_utils import (
+        get_named_buffer_nodes,
+        get_named_param_nodes,
+    )
+
+    opt = autop.sharding_optimizer
+    nodes = {**get_named_param_nodes(opt.graph), **get_named_buffer_nodes(opt.graph)}
+    for group in alias_map.groups:
+        inputs = [nodes[f] for f in group.fqns if f in nodes]
+        for other in inputs[1:]:
+            opt._add_paired_output_constraint(inputs[0], other, "alias_group")
+    for view in alias_map.views:
+        base = nodes.get(view.base)
+        if base is not None:
+            opt.add_node_constraint(base, (Replicate(),) * autop.mesh.ndim, "alias_view_base")
+
+
+def _constrain_matmuls_to_batch_shards(autop, *, data_dims: list[int], batch: int) -> None:
+    """Constrain each forward matmul's output to Shard(0) (the batch) on every data axis.
+
+    AutoParallel traces linear layers as aten.einsum. Its public add_node_constraint takes one
+    placement for the whole mesh; on a dp x tp mesh the tp placement must stay the solver's
+    choice, so we select every strategy whose data-axis placements are Shard(0) and use the
+    optimizer's underlying constraint (the call add_node_constraint itself makes).
+    """
+    opt = autop.sharding_optimizer
+    for node in autop.gm.graph.find_nodes(op="call_function", target=torch.ops.aten.einsum.default):
+        value = node.meta.get("val")
+        if node.meta.get("partitioner_tag") != "is_forward" or value.shape[0] != batch:
+            continue
+        node = opt._normalize_node(node)
+        indices = [
+            i
+            for i, strategy in enumerate(opt.strats[node].strategies)
+            if all(strategy.output_specs.placements[d] == Shard(0) for d in data_dims)
+        ]
+        opt._add_node_constraint(
+            node, output_constraint_indices=indices, constraint_name="data_parallel_matmul"
+        )
+
+
+def _is_rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+_COLLECTIVES = {
+    "all_gather_into_tensor": "all_gather",
+    "reduce_scatter_tensor": "reduce_scatter",
+    "all_reduce": "all_reduce",
+    "all_to_all_single": "all_to_all",
+}
+
+
+def plan_summary(parallel_model: nn.Module, graph: torch.fx.GraphModule) -> dict:
+    """Collectives in the parallel graph and the placement of every parameter."""
+    collectives: dict[str, dict[str, int]] = {}
+    for node in graph.graph.nodes:
+        if node.op != "call_function":
+            continue
+        kind = _COLLECTIVES.get(node.target.__name__.split(".")[0])
+        if kind is None or "_c10d_functional" not in str(node.target):
+            continue
+        value = node.meta.get("val")
+        nbytes = value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+        entry = collectives.setdefault(kind, {"count": 0, "bytes": 0})
+        entry["count"] += 1
+        entry["bytes"] += nbytes
+    placements: dict[str, list[str]] = {}
+    for fqn, param in parallel_model.named_parameters():
+        spec = [str(p) for p in param.placements] if isinstance(param, DTensor) else ["local"]
+        placements.setdefault(", ".join(spec), []).append(fqn)
+    collectives_text = ", ".join(
+        f"{v['count']} {k} ({v['bytes'] / 2**20:.1f} MiB)" for k, v in sorted(collectives.items())
+    )
+    placements_text = "; ".join(f"{len(v)} {k}" for k, v in sorted(placements.items()))
+    return {
+        "collectives": collectives,
+        "parameter_placements": placements,
+        "collectives_text": collectives_text or "no collectives",
+        "placements_text": placements_text,
+    }
