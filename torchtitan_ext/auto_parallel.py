@@ -8,15 +8,14 @@ verified. The Trainer then calls ``to_empty()`` and ``init_weights()`` on it as 
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import Replicate, Shard
 from torchtitan.config import TORCH_DTYPE_MAP, Configurable
 from torchtitan.distributed.fsdp import get_fsdp_reshard_after_forward_policy
@@ -24,6 +23,7 @@ from torchtitan.tools.logging import logger
 
 from torchtitan_ext import cpu
 from torchtitan_ext.aliases import AliasError, AliasMap
+from torchtitan_ext.plan import PlanReport, build_report
 
 # The AutoParallel commit this project is tested against; pyproject.toml's extra pins it too.
 AUTOPARALLEL_COMMIT = "a54c2529b1cb10b6b27a585b4a6fc2f84bc1d232"
@@ -94,14 +94,16 @@ class AliasAwareAutoParallel(Configurable):
         gathering the whole batch onto every rank over reducing gradients."""
 
         dump_placements: bool = False
-        """Write the chosen placements and the plan summary to
-        <dump_folder>/autoparallel/ (rank 0)."""
+        """Write the solver's placements (placements.json, the placement_file format; and
+        solution.txt, one line per graph node) to <dump_folder>/autoparallel/ on rank 0.
+        The plan report is always written there as plan.json."""
 
     def __init__(self, config: Config):
         require_autoparallel()
         self.config = config
         self.times = PhaseTimes()
         self.alias_map: AliasMap | None = None
+        self.report: PlanReport | None = None
 
     def __call__(
         self,
@@ -137,6 +139,7 @@ class AliasAwareAutoParallel(Configurable):
 
         t0 = time.perf_counter()
         self.alias_map = AliasMap.capture(model)
+        names = _names(model)
         self.times.alias_capture = time.perf_counter() - t0
         if self.alias_map:
             logger.info(f"AutoParallel: captured aliases before tracing:\n{self.alias_map}")
@@ -145,9 +148,10 @@ class AliasAwareAutoParallel(Configurable):
         axes = [
             a
             for a in ("dp_replicate", shard_axis, "tp")
-            if a == shard_axis or parallel_dims.get_optional_mesh(a) is not None
-        ]
-        mesh = parallel_dims.get_mesh(axes if len(axes) > 1 else shard_axis)
+            if parallel_dims.get_optional_mesh(a) is not None
+            and parallel_dims.get_optional_mesh(a).size() > 1
+        ] or [shard_axis]
+        mesh = parallel_dims.get_mesh(axes if len(axes) > 1 else axes[0])
         dp_degree = parallel_dims.dp_replicate * parallel_dims.dp_shard
         batch = training.local_batch_size * dp_degree
         vocab_size = model.config.vocab_size
@@ -196,21 +200,41 @@ class AliasAwareAutoParallel(Configurable):
                 _constrain_matmuls_to_batch_shards(autop, data_dims=data_dims, batch=batch)
 
             t0 = time.perf_counter()
-            if placement_path and os.path.exists(placement_path):
+            solved = not (placement_path and os.path.exists(placement_path))
+            if solved:
+                placement = autop.optimize_placement()
+            else:
                 placement = load_placements(autop.sharding_optimizer, placement_path)
                 logger.info(f"AutoParallel: loaded placements from {placement_path} (no solve)")
-            else:
-                placement = autop.optimize_placement()
-                if placement_path and _is_rank0():
+            self.times.solve = time.perf_counter() - t0
+            dump = os.path.join(dump_folder, "autoparallel")
+            if _is_rank0():
+                os.makedirs(dump, exist_ok=True)
+                if solved and placement_path:
                     os.makedirs(os.path.dirname(placement_path) or ".", exist_ok=True)
                     save_placements(autop.sharding_optimizer, placement_path)
                     logger.info(f"AutoParallel: saved placements to {placement_path}")
-            self.times.solve = time.perf_counter() - t0
+                if self.config.dump_placements and solved:
+                    save_placements(autop.sharding_optimizer, os.path.join(dump, "placements.json"))
+                    with open(os.path.join(dump, "solution.txt"), "w") as f:
+                        f.write(autop.sharding_optimizer.get_log(colored=False))
+                elif self.config.dump_placements:
+                    shutil.copyfile(placement_path, os.path.join(dump, "placements.json"))
 
+            # Record the forward and backward graphs AutoParallel compiles (with its no-op
+            # compiler in eager): those are what each step executes, for the plan report.
+            executed: dict[str, torch.fx.GraphModule] = {}
+            compile_graph = autop.compiler_fn
+
+            def recording_compiler(gm, example_inputs, tag_forward=False):
+                executed.setdefault("forward" if tag_forward else "backward", gm)
+                return compile_graph(gm, example_inputs, tag_forward=tag_forward)
+
+            autop.compiler_fn = recording_compiler
             t0 = time.perf_counter()
             parallel_model = autop.apply_placement(placement)
             self.times.apply = time.perf_counter() - t0
-            graph = autop.parallel_gm
+            joint_graph = autop.gm
 
         t0 = time.perf_counter()
         restored = self.alias_map.restore(parallel_model)
@@ -221,22 +245,28 @@ class AliasAwareAutoParallel(Configurable):
                 "AutoParallel: alias names re-registered on the parallel model: "
                 f"{restored or 'none (the engine kept them)'}"
             )
-        self._check_aliases(parallel_model, when="after parallelization")
+        self._check_aliases(parallel_model, when="after parallelization", names=names)
+        logger.info(
+            f"AutoParallel: {len(names['parameters'])} parameter, {len(names['buffers'])} "
+            f"buffer and {len(names['state_dict'])} state_dict names match the original model"
+        )
         self._wrap_init(parallel_model)
 
-        summary = plan_summary(parallel_model, graph)
+        self.report = build_report(
+            mesh_axes=axes,
+            mesh_shape=tuple(mesh.shape),
+            joint_graph=joint_graph,
+            forward_graph=executed["forward"],
+            backward_graph=executed["backward"],
+            parallel_model=parallel_model,
+        )
         logger.info(
             f"AutoParallel: trace {self.times.trace:.1f}s, solve {self.times.solve:.1f}s, "
-            f"apply {self.times.apply:.1f}s; plan: {summary['collectives_text']}; "
-            f"parameters: {summary['placements_text']}"
+            f"apply {self.times.apply:.1f}s. Plan:\n  " + "\n  ".join(self.report.lines())
         )
-        if self.config.dump_placements and _is_rank0():
-            folder = os.path.join(dump_folder, "autoparallel")
-            os.makedirs(folder, exist_ok=True)
-            with open(os.path.join(folder, "plan.json"), "w") as f:
-                json.dump(summary, f, indent=2)
-            with open(os.path.join(folder, "graph.txt"), "w") as f:
-                f.write(graph.print_readable(print_output=False))
+        if _is_rank0():
+            with open(os.path.join(dump, "plan.json"), "w") as f:
+                f.write(self.report.to_json())
         return parallel_model
 
     def _memory_bounds(self, parallel_dims) -> tuple[float, float]:
@@ -263,12 +293,19 @@ class AliasAwareAutoParallel(Configurable):
             path = os.path.join(dump_folder, path)
         return path
 
-    def _check_aliases(self, module: nn.Module, *, when: str) -> None:
+    def _check_aliases(
+        self, module: nn.Module, *, when: str, names: dict[str, list[str]] | None = None
+    ) -> None:
+        """verify() the alias groups and, given the original model's names, check that the
+        module has exactly those FQNs (remove_duplicate=False) and state_dict keys."""
         assert self.alias_map is not None
+        if self.config.alias_check == "off":
+            return
         t0 = time.perf_counter()
         try:
-            if self.config.alias_check != "off":
-                self.alias_map.verify(module)
+            self.alias_map.verify(module)
+            if names is not None:
+                _check_same_names(names, _names(module))
         except AliasError as e:
             if self.config.alias_check == "error":
                 raise
@@ -352,43 +389,28 @@ def _constrain_matmuls_to_batch_shards(autop, *, data_dims: list[int], batch: in
         )
 
 
+def _names(module: nn.Module) -> dict[str, list[str]]:
+    return {
+        "parameters": [n for n, _ in module.named_parameters(remove_duplicate=False)],
+        "buffers": [n for n, _ in module.named_buffers(remove_duplicate=False)],
+        "state_dict": list(module.state_dict(keep_vars=True)),
+    }
+
+
+def _check_same_names(expected: dict[str, list[str]], actual: dict[str, list[str]]) -> None:
+    problems = []
+    for kind, names in expected.items():
+        missing = sorted(set(names) - set(actual[kind]))
+        extra = sorted(set(actual[kind]) - set(names))
+        if missing:
+            problems.append(f"{kind} missing on the parallel model: {', '.join(missing)}")
+        if extra:
+            problems.append(f"{kind} the original model does not have: {', '.join(extra)}")
+    if problems:
+        raise AliasError(
+            "parallel model names differ from the original:\n  " + "\n  ".join(problems)
+        )
+
+
 def _is_rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-
-
-_COLLECTIVES = {
-    "all_gather_into_tensor": "all_gather",
-    "reduce_scatter_tensor": "reduce_scatter",
-    "all_reduce": "all_reduce",
-    "all_to_all_single": "all_to_all",
-}
-
-
-def plan_summary(parallel_model: nn.Module, graph: torch.fx.GraphModule) -> dict:
-    """Collectives in the parallel graph and the placement of every parameter."""
-    collectives: dict[str, dict[str, int]] = {}
-    for node in graph.graph.nodes:
-        if node.op != "call_function":
-            continue
-        kind = _COLLECTIVES.get(node.target.__name__.split(".")[0])
-        if kind is None or "_c10d_functional" not in str(node.target):
-            continue
-        value = node.meta.get("val")
-        nbytes = value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
-        entry = collectives.setdefault(kind, {"count": 0, "bytes": 0})
-        entry["count"] += 1
-        entry["bytes"] += nbytes
-    placements: dict[str, list[str]] = {}
-    for fqn, param in parallel_model.named_parameters():
-        spec = [str(p) for p in param.placements] if isinstance(param, DTensor) else ["local"]
-        placements.setdefault(", ".join(spec), []).append(fqn)
-    collectives_text = ", ".join(
-        f"{v['count']} {k} ({v['bytes'] / 2**20:.1f} MiB)" for k, v in sorted(collectives.items())
-    )
-    placements_text = "; ".join(f"{len(v)} {k}" for k, v in sorted(placements.items()))
-    return {
-        "collectives": collectives,
-        "parameter_placements": placements,
-        "collectives_text": collectives_text or "no collectives",
-        "placements_text": placements_text,
-    }

@@ -1,0 +1,253 @@
+"""AliasAwareAutoParallel: its config on torchtitan's CLI, and the plans it builds."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+import tomllib
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.testing._internal.distributed.fake_pg import FakeStore
+from torchtitan.config import ConfigManager
+from torchtitan.distributed import ParallelDims
+
+from tests._training import REPO_ROOT
+from torchtitan_ext import auto_parallel, cpu
+from torchtitan_ext.auto_parallel import AUTOPARALLEL_COMMIT, AliasAwareAutoParallel
+
+CONFIG = "llama3_debugmodel_autoparallel"
+
+
+def _engine_missing() -> bool:
+    try:
+        auto_parallel.require_autoparallel()
+    except ImportError:
+        return True
+    return False
+
+
+needs_engine = pytest.mark.skipif(
+    _engine_missing(),
+    reason="Meta's AutoParallel is not installed: pip install -e '.[autoparallel]'",
+)
+
+
+def parse(*args: str, config: str = CONFIG):
+    return ConfigManager().parse_args(["--module", "config_registry", "--config", config, *args])
+
+
+def titan_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "torchtitan.train", "--module", "config_registry", *args],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_config_is_a_torchtitan_configurable():
+    config_cls = AliasAwareAutoParallel.Config
+    assert "__slots__" in config_cls.__dict__
+    assert all(f.kw_only for f in dataclasses.fields(config_cls))
+    assert config_cls._owner is AliasAwareAutoParallel
+
+
+def test_cli_overrides_reach_the_parsed_config():
+    config = parse(
+        "--autoparallel.param_memory_low", "0.25",
+        "--autoparallel.param-memory-high", "0.5",
+        "--autoparallel.alias_check", "warn",
+        "--autoparallel.placement_file", "plan/placements.json",
+        "--autoparallel.dump_placements",
+        "--autoparallel.no-data-parallel-matmuls",
+        "--parallelize", "torchtitan",
+    )  # fmt: skip
+    ap = config.autoparallel
+    assert (ap.param_memory_low, ap.param_memory_high) == (0.25, 0.5)
+    assert ap.alias_check == "warn"
+    assert ap.placement_file == "plan/placements.json"
+    assert ap.dump_placements and not ap.data_parallel_matmuls
+    assert config.parallelize == "torchtitan"
+    assert parse().autoparallel == AliasAwareAutoParallel.Config()
+
+
+@needs_engine
+def test_cli_overrides_reach_the_built_component():
+    config = parse("--autoparallel.alias_check", "off", "--autoparallel.param_memory_high", "0.5")
+    component = config.autoparallel.build()
+    assert isinstance(component, AliasAwareAutoParallel)
+    assert component.config.alias_check == "off"
+    assert component.config.param_memory_high == 0.5
+    assert component.config is not config.autoparallel  # build() works on a copy
+
+
+def test_help_lists_every_field_with_its_docstring():
+    proc = titan_cli("--config", CONFIG, "--help")
+    assert proc.returncode == 0, proc.stderr
+    # tyro draws boxes and wraps long lines: compare the words only.
+    text = " ".join(re.sub("[\u2500-\u257f]", " ", proc.stdout).split())
+    for field in dataclasses.fields(AliasAwareAutoParallel.Config):
+        flag = field.name.replace("_", "-")
+        assert f"--autoparallel.{flag}" in text or f"--autoparallel.{field.name}" in text, field
+    assert "What to do when the parallel model's aliases do not match" in text
+    assert "is loaded and the solve is skipped" in text
+    assert "{error,warn,off}" in text
+
+
+def test_a_wrong_value_gets_tyros_error():
+    proc = titan_cli("--config", CONFIG, "--autoparallel.alias_check", "maybe")
+    assert proc.returncode != 0
+    assert "invalid choice" in proc.stdout + proc.stderr
+    assert "error" in proc.stdout + proc.stderr and "warn" in proc.stdout + proc.stderr
+
+
+def test_unknown_config_lists_the_available_ones():
+    proc = titan_cli("--config", "llama3_nope_autoparallel")
+    assert proc.returncode != 0
+    assert "llama3_debugmodel_autoparallel" in proc.stderr
+    assert "qwen3_0_6b_autoparallel" in proc.stderr
+
+
+def test_missing_autoparallel_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "autoparallel", None)  # import now fails
+    monkeypatch.setitem(sys.modules, "autoparallel.api", None)
+    with pytest.raises(ImportError) as info:
+        AliasAwareAutoParallel.Config().build()
+    message = str(info.value)
+    assert f"autoparallel.git@{AUTOPARALLEL_COMMIT}" in message
+    assert "pip install" in message and "unrelated" in message
+    with open(REPO_ROOT / "pyproject.toml", "rb") as f:
+        extra = tomllib.load(f)["project"]["optional-dependencies"]["autoparallel"]
+    assert any(AUTOPARALLEL_COMMIT in requirement for requirement in extra), extra
+
+
+def test_run_train_fails_at_once_without_autoparallel(tmp_path):
+    """An *_autoparallel config stops before any process group or model is built."""
+    shadow = tmp_path / "shadow" / "autoparallel"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('No module named autoparallel')\n")
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(tmp_path / "shadow"),
+        "NGPU": "1",
+        "CONFIG": CONFIG,
+        "PYTHON": sys.executable,
+    }
+    proc = subprocess.run(
+        [str(REPO_ROOT / "run_train.sh"), f"--dump_folder={tmp_path / 'out'}"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"autoparallel.git@{AUTOPARALLEL_COMMIT}" in output
+    assert "Building llama3" not in output and "Training starts" not in output
+
+
+# --- plans, on a fake 2-rank process group (tracing and solving only) ---
+
+
+@pytest.fixture(scope="module")
+def two_fake_ranks():
+    assert not dist.is_initialized()
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    yield
+    dist.destroy_process_group()
+
+
+def parallelize(config, *, world_size: int = 2, dump_folder):
+    """Run the component as our Trainer does, on the meta model."""
+    cpu.install_runtime()  # the Trainer's first step; meshes are then built on CPU
+    config.model_spec.model.update_from_config(config=config)
+    with torch.device("meta"):
+        model = config.model_spec.model.build()
+    parallel_dims = ParallelDims.from_config(config.parallelism, world_size)
+    component = config.autoparallel.build()
+    parallel = component(
+        model,
+        parallel_dims=parallel_dims,
+        training=config.training,
+        parallelism=config.parallelism,
+        compile_config=config.compile,
+        ac_config=config.activation_checkpoint,
+        dump_folder=str(dump_folder),
+    )
+    return model, parallel, component
+
+
+@pytest.fixture(scope="module")
+def fsdp_like(two_fake_ranks, tmp_path_factory):
+    dump = tmp_path_factory.mktemp("fsdp_like")
+    config = parse("--autoparallel.placement_file", "placements.json")
+    return (*parallelize(config, dump_folder=dump), dump)
+
+
+def names(module):
+    return (
+        [n for n, _ in module.named_parameters(remove_duplicate=False)],
+        [n for n, _ in module.named_buffers(remove_duplicate=False)],
+        list(module.state_dict(keep_vars=True)),
+    )
+
+
+@needs_engine
+@pytest.mark.engine
+def test_fsdp_like_plan_shards_parameters_and_the_batch(fsdp_like):
+    model, parallel, component, dump = fsdp_like
+    report = component.report
+    assert report.mesh == {"dp_shard": 2}
+    assert list(report.parameters) == ["dp_shard=S(0)"], report.parameters
+    assert set(report.collectives) == {"all_gather", "reduce_scatter"}
+    # One gradient reduce-scatter per unique parameter; gathers before use in the
+    # forward and again in the backward (reshard_after_forward).
+    unique = len(list(model.parameters()))
+    assert report.collectives["reduce_scatter"].count == unique
+    assert report.collectives["all_gather"].count == 2 * unique - 1
+    assert report.forward_flop_share == pytest.approx(0.5)
+    assert report.matmul_batch_share == (0.5, 0.5)  # half the batch in every matmul
+    assert names(parallel) == names(model)
+    assert parallel.tok_embeddings.weight is parallel.lm_head.weight
+    assert (dump / "autoparallel" / "plan.json").read_text() == report.to_json()
+
+
+@needs_engine
+@pytest.mark.engine
+def test_placement_file_is_saved_then_loaded_without_a_solve(fsdp_like, monkeypatch):
+    model, parallel, component, dump = fsdp_like
+    assert (dump / "placements.json").is_file()
+
+    def no_solve(self, *args, **kwargs):
+        raise AssertionError("the solver ran although a placement file exists")
+
+    from autoparallel.api import AutoParallel
+
+    monkeypatch.setattr(AutoParallel, "optimize_placement", no_solve)
+    config = parse("--autoparallel.placement_file", "placements.json")
+    _, loaded, loaded_component = parallelize(config, dump_folder=dump)
+    assert loaded_component.report == component.report
+    placements = {n: p.placements for n, p in parallel.named_parameters()}
+    assert {n: p.placements for n, p in loaded.named_parameters()} == placements
+
+
+@needs_engine
+@pytest.mark.engine
+def test_replicate_mesh_gets_the_ddp_like_plan(two_fake_ranks, tmp_path):
+    config = parse(
+        "--parallelism.data_parallel_replicate_degree", "2",
+        "--parallelism.data_parallel_shard_degree", "1",
+    )  # fmt: skip
+    _, _, component = parallelize(config, dump_folder=tmp_path)
+    report = component.report
+    assert report.mesh == {"dp_replicate": 2}
+    assert set(report.parameters) == {"dp_replicate=R"}, report.parameters
+    assert set(report.collectives) == {"all_reduce"}, report.collectives
+    assert report.forward_flop_share == pytest.approx(0.5)

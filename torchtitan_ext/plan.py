@@ -1,0 +1,132 @@
+"""The plan report: what AutoParallel's solution does on each rank, read from its graphs.
+
+Counted from the graphs the parallel module executes each step (AutoParallel's forward and
+backward graphs, after the partitioner placed re-gathers in the backward), not from the
+solver's joint graph, so the collective counts are the executed ones. The report is derived
+from graphs and parameters only, so a run that loads a placement file reports the same.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+_COLLECTIVES = {
+    "all_gather_into_tensor": "all_gather",
+    "all_gather_into_tensor_coalesced": "all_gather",
+    "reduce_scatter_tensor": "reduce_scatter",
+    "reduce_scatter_tensor_coalesced": "reduce_scatter",
+    "all_reduce": "all_reduce",
+    "all_reduce_coalesced": "all_reduce",
+    "all_to_all_single": "all_to_all",
+}
+_MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.einsum.default)
+
+
+@dataclass
+class CollectiveStats:
+    count: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class PlanReport:
+    mesh: dict[str, int]
+    """Mesh axis name -> size."""
+    collectives: dict[str, CollectiveStats] = field(default_factory=dict)
+    """Collective kind -> count and bytes (output size) per training step, on one rank."""
+    parameters: dict[str, list[str]] = field(default_factory=dict)
+    """Placement (one entry per mesh axis, e.g. "dp_shard=S(0)") -> parameter FQNs."""
+    forward_flop_share: float = 1.0
+    """This rank's forward matmul FLOPs over the whole model's (1/dp for data parallel)."""
+    matmul_batch_share: tuple[float, float] = (1.0, 1.0)
+    """Min and max, over forward matmuls, of this rank's rows over the global rows."""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    def lines(self) -> list[str]:
+        collectives = ", ".join(
+            f"{s.count} {kind} ({s.bytes / 2**20:.1f} MiB)"
+            for kind, s in sorted(self.collectives.items())
+        )
+        parameters = "; ".join(f"{len(v)} {k}" for k, v in sorted(self.parameters.items()))
+        low, high = self.matmul_batch_share
+        return [
+            f"mesh {self.mesh}",
+            f"collectives per step: {collectives or 'none'}",
+            f"parameters: {parameters}",
+            f"forward matmul FLOPs on this rank: {self.forward_flop_share:.3f} of the model; "
+            f"rows per matmul: {low:.3f}-{high:.3f} of the global batch",
+        ]
+
+
+def _collectives(graphs: list[torch.fx.GraphModule]) -> dict[str, CollectiveStats]:
+    stats: dict[str, CollectiveStats] = {}
+    for graph in graphs:
+        for node in graph.graph.nodes:
+            if node.op != "call_function" or not str(node.target).startswith("_c10d_functional"):
+                continue
+            kind = _COLLECTIVES.get(node.target._opname)
+            if kind is None:
+                continue
+            values = node.meta.get("val")
+            values = values if isinstance(values, (list, tuple)) else [values]
+            entry = stats.setdefault(kind, CollectiveStats())
+            entry.count += 1
+            entry.bytes += sum(v.numel() * v.element_size() for v in values if v is not None)
+    return stats
+
+
+def _forward_matmuls(graph: torch.fx.GraphModule) -> list[tuple[int, int]]:
+    """(rows, flops) of each forward matmul, in program order."""
+    result = []
+    for node in graph.graph.nodes:
+        if node.op != "call_function" or node.target not in _MATMULS:
+            continue
+        if node.meta.get("partitioner_tag") == "is_backward":
+            continue
+        out = node.meta["val"]
+        if node.target == torch.ops.aten.einsum.default:
+            a, b = (arg.meta["val"] for arg in node.args[1])
+            contracted = a.shape[-1]
+            rows = math.prod(out.shape[:-1])
+        else:
+            a = node.args[0].meta["val"]
+            contracted = a.shape[-1]
+            rows = math.prod(out.shape[:-1])
+        result.append((rows, 2 * out.numel() * contracted))
+    return result
+
+
+def build_report(
+    *,
+    mesh_axes: list[str],
+    mesh_shape: tuple[int, ...],
+    joint_graph: torch.fx.GraphModule,
+    forward_graph: torch.fx.GraphModule,
+    backward_graph: torch.fx.GraphModule,
+    parallel_model: nn.Module,
+) -> PlanReport:
+    """Report the plan from the solver's joint graph (global shapes), the forward and backward
+    graphs the parallel module runs (this rank's shapes) and its parameters."""
+    report = PlanReport(mesh=dict(zip(mesh_axes, mesh_shape, strict=True)))
+    report.collectives = _collectives([forward_graph, backward_graph])
+    for fqn, param in parallel_model.named_parameters():
+        if isinstance(param, DTensor):
+            key = ", ".join(f"{a}={p}" for a, p in zip(mesh_axes, param.placements, strict=True))
+        else:
+            key = "local"
+        report.parameters.setdefault(key, []).append(fqn)
+    global_mm = _forward_matmuls(joint_graph)
+    local_mm = _forward_matmuls(forward_graph)
+    if global_mm and len(global_mm) == len(local_mm):
+        report.forward_flop_share = sum(f for _, f in local_mm) / sum(f for _, f in global_mm)
+        shares = [lr / gr for (lr, _), (gr, _) in zip(local_mm, global_mm, strict=True)]
+        report.matmul_batch_share = (min(shares), max(shares))
+    return report
