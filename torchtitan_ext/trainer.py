@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+from torch.distributed.tensor import DTensor
 from torchtitan.components.loss import ChunkedLossWrapper
 from torchtitan.config import Configurable
+from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer as TitanTrainer
 
 from torchtitan_ext import cpu
@@ -24,6 +28,11 @@ class Trainer(TitanTrainer):
 
     @dataclass(kw_only=True, slots=True)
     class Config(TitanTrainer.Config):
+        grad_dump_step: int = 0
+        """Save every parameter's full gradient (after clipping, before the optimizer
+        step) at this step to <dump_folder>/grads/step-N.pt, from rank 0; 0 = never. For
+        comparing numerics between parallelizations of the same model and weights."""
+
         @classmethod
         def derived_from(cls, config: TitanTrainer.Config):
             """Re-create a torchtitan Trainer.Config as this class, field by field (shared
@@ -34,6 +43,26 @@ class Trainer(TitanTrainer):
     def __init__(self, config: Config):
         cpu.install_runtime()
         super().__init__(config)
+
+    def train_step(self, data_iterator):
+        super().train_step(data_iterator)
+        if self.step == self.config.grad_dump_step:
+            self._dump_gradients()
+
+    def _dump_gradients(self) -> None:
+        # full_tensor() gathers sharded gradients: every rank must take part.
+        grads = {}
+        for part in self.model_parts:
+            for fqn, param in part.named_parameters():
+                grad = param.grad
+                if isinstance(grad, DTensor):
+                    grad = grad.full_tensor()
+                grads[fqn] = None if grad is None else grad.detach().cpu()
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            folder = os.path.join(self.config.dump_folder, "grads")
+            os.makedirs(folder, exist_ok=True)
+            torch.save(grads, os.path.join(folder, f"step-{self.step}.pt"))
+            logger.info(f"Saved step-{self.step} gradients of {len(grads)} parameters to {folder}")
 
 
 class AutoParallelTrainer(Trainer):
