@@ -23,7 +23,7 @@ from torchtitan.tools.logging import logger
 
 from torchtitan_ext import cpu
 from torchtitan_ext.aliases import AliasError, AliasMap
-from torchtitan_ext.plan import PlanReport, build_report
+from torchtitan_ext.plan import PlanReport, build_report, collectives
 
 # The AutoParallel commit this project is tested against; pyproject.toml's extra pins it too.
 AUTOPARALLEL_COMMIT = "a54c2529b1cb10b6b27a585b4a6fc2f84bc1d232"
@@ -104,6 +104,9 @@ class AliasAwareAutoParallel(Configurable):
         self.times = PhaseTimes()
         self.alias_map: AliasMap | None = None
         self.report: PlanReport | None = None
+        # Compiled runs: Inductor's graphs after bucketing, and where to write the report.
+        self._scheduled_graphs: list[torch.fx.GraphModule] = []
+        self._dump = ""
 
     def __call__(
         self,
@@ -127,13 +130,12 @@ class AliasAwareAutoParallel(Configurable):
                 "--parallelism.pipeline_parallel_degree, --parallelism.context_parallel_degree "
                 "and --parallelism.expert_parallel_degree to 1"
             )
-        if ac_config is not None:
+        compile_model = compile_config.enable and "model" in compile_config.components
+        if ac_config is not None and not compile_model:
             logger.warning(
-                f"AutoParallel: {type(ac_config).__qualname__} activation checkpointing is not "
-                "applied (AutoParallel traces the model whole); continuing without it"
+                f"AutoParallel: {type(ac_config).__qualname__} activation checkpointing runs "
+                "only compiled (AutoParallel's AC pass); eager keeps every activation"
             )
-        if compile_config.enable and "model" in compile_config.components:
-            logger.warning("AutoParallel: --compile.enable is not used yet; running eager")
         cpu.install_autoparallel_runtime()
         reset_autoparallel_caches()
 
@@ -264,10 +266,60 @@ class AliasAwareAutoParallel(Configurable):
             f"AutoParallel: trace {self.times.trace:.1f}s, solve {self.times.solve:.1f}s, "
             f"apply {self.times.apply:.1f}s. Plan:\n  " + "\n  ".join(self.report.lines())
         )
+        self._write_report(dump)
+        if compile_model:
+            self._compile(parallel_model, ac_config=ac_config, dump=dump)
+        return parallel_model
+
+    def report_compiled_plan(self) -> bool:
+        """Once Inductor compiled the forward and backward, update the plan report with their
+        (bucketed) collectives, log and write it; True when done or nothing to do."""
+        if self.report is None or self.report.compiled or not self._dump:
+            return True
+        if len(self._scheduled_graphs) < 2:
+            return False
+        self.report.collectives = collectives(self._scheduled_graphs)
+        self.report.compiled = True
+        logger.info("AutoParallel: compiled plan:\n  " + "\n  ".join(self.report.lines()))
+        self._write_report(self._dump)
+        return True
+
+    def _write_report(self, dump: str) -> None:
         if _is_rank0():
             with open(os.path.join(dump, "plan.json"), "w") as f:
                 f.write(self.report.to_json())
-        return parallel_model
+
+    def _compile(self, parallel_model: nn.Module, *, ac_config, dump: str) -> None:
+        """Compile in place (FQNs unchanged) with AutoParallel's backend: Inductor with
+        collective bucketing and comm/compute overlap scheduling, plus AutoParallel's
+        activation-checkpointing pass when torchtitan's --activation_checkpoint asks for AC.
+
+        Inductor compiles the forward at the first call and the backward at the first
+        backward; report_compiled_plan() then re-reads the plan's collectives from those
+        graphs, after the overlap scheduler bucketed them.
+        """
+        from autoparallel.compile import autoparallel_backend
+        from torch._inductor.fx_passes import overlap_scheduling
+
+        cpu.install_compile_runtime()
+        schedule = overlap_scheduling.schedule_overlap_bucketing_from_inductor_configs
+
+        def recording_schedule(gm, *args, **kwargs):
+            result = schedule(gm, *args, **kwargs)
+            self._scheduled_graphs.append(gm)  # bucketed and reordered in place
+            if len(self._scheduled_graphs) == 2:  # forward and backward: stop recording
+                overlap_scheduling.schedule_overlap_bucketing_from_inductor_configs = schedule
+            return result
+
+        # Inductor imports the pass from this module each time it runs it.
+        overlap_scheduling.schedule_overlap_bucketing_from_inductor_configs = recording_schedule
+        self._dump = dump
+        backend = autoparallel_backend(enable_ac=ac_config is not None, overlap_scheduling=True)
+        parallel_model.compile(backend=backend, fullgraph=True)
+        logger.info(
+            "AutoParallel: compiling with autoparallel_backend (bucketing and overlap "
+            f"scheduling on, AC pass {'on' if ac_config is not None else 'off'}) at the first step"
+        )
 
     def _memory_bounds(self, parallel_dims) -> tuple[float, float]:
         replicate_only = parallel_dims.dp_shard == 1 and parallel_dims.tp == 1

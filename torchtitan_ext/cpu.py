@@ -26,6 +26,7 @@ from torchtitan.tools.logging import logger
 
 _runtime_installed = False
 _autoparallel_installed = False
+_compile_installed = False
 
 
 def use_cpu() -> bool:
@@ -227,3 +228,48 @@ def _register_cpu_flash_attention_strategies() -> None:
             return []
         # [grad_q, grad_k, grad_v, grad_out, q, k, v, out, logsumexp].
         return [[_ShardingPlaceholder(dim)] * 9 for dim in (0, 1)]
+
+
+def measure_memory_bandwidth_gbs(*, nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """This process's memory bandwidth in GB/s: the best of a few large tensor copies,
+    counting the bytes read and written."""
+    import time
+
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best / 1e9
+
+
+def install_compile_runtime() -> None:
+    """Let Inductor's comm/compute overlap scheduler (used by AutoParallel's compile
+    backend for bucketing and overlap) run on CPU. Idempotent; no-op with an accelerator.
+
+    The scheduler estimates op runtimes from the device's DRAM bandwidth, which Inductor
+    reads from a GPU datasheet or asks triton for (failing on CPU: "0 active drivers"); we
+    give it this machine's bandwidth, measured once. It also benchmarks nodes with
+    torch.cuda.synchronize unless the compute estimator is "analytical" (roofline).
+    """
+    global _compile_installed
+    if _compile_installed or not use_cpu():
+        return
+    from torch._inductor import config as inductor_config
+    from torch._inductor.analysis import device_info
+
+    bandwidth = measure_memory_bandwidth_gbs()
+    datasheet_dram_bw_gbs = device_info.datasheet_dram_bw_gbs
+
+    def dram_bw_gbs(device_name: str | None = None) -> float | None:
+        return bandwidth if device_name is None else datasheet_dram_bw_gbs(device_name)
+
+    device_info.datasheet_dram_bw_gbs = dram_bw_gbs
+    inductor_config.aten_distributed_optimizations.compute_estimator = "analytical"
+    _compile_installed = True
+    logger.info(
+        f"torchtitan_ext CPU support for compile: memory bandwidth measured at "
+        f"{bandwidth:.1f} GB/s for Inductor's overlap scheduler; analytical compute estimates"
+    )

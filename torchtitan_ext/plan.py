@@ -16,9 +16,13 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+# Op name -> kind, for the _c10d_functional ops and Inductor's bucketed versions of them.
 _COLLECTIVES = {
     "all_gather_into_tensor": "all_gather",
+    "all_gather_into_tensor_out": "all_gather",
     "all_gather_into_tensor_coalesced": "all_gather",
+    "_pre_bucket_all_gather": "all_gather",
+    "_pre_bucket_reduce_scatter": "reduce_scatter",
     "reduce_scatter_tensor": "reduce_scatter",
     "reduce_scatter_tensor_coalesced": "reduce_scatter",
     "all_reduce": "all_reduce",
@@ -40,6 +44,8 @@ class PlanReport:
     """Mesh axis name -> size."""
     collectives: dict[str, CollectiveStats] = field(default_factory=dict)
     """Collective kind -> count and bytes (output size) per training step, on one rank."""
+    compiled: bool = False
+    """Whether ``collectives`` were read from Inductor's graphs after its bucketing."""
     parameters: dict[str, list[str]] = field(default_factory=dict)
     """Placement (one entry per mesh axis, e.g. "dp_shard=S(0)") -> parameter FQNs."""
     forward_flop_share: float = 1.0
@@ -51,35 +57,43 @@ class PlanReport:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     def lines(self) -> list[str]:
-        collectives = ", ".join(
+        collective_text = ", ".join(
             f"{s.count} {kind} ({s.bytes / 2**20:.1f} MiB)"
             for kind, s in sorted(self.collectives.items())
         )
         parameters = "; ".join(f"{len(v)} {k}" for k, v in sorted(self.parameters.items()))
         low, high = self.matmul_batch_share
+        executed = "compiled, after bucketing" if self.compiled else "eager"
         return [
             f"mesh {self.mesh}",
-            f"collectives per step: {collectives or 'none'}",
+            f"collectives per step ({executed}): {collective_text or 'none'}",
             f"parameters: {parameters}",
             f"forward matmul FLOPs on this rank: {self.forward_flop_share:.3f} of the model; "
             f"rows per matmul: {low:.3f}-{high:.3f} of the global batch",
         ]
 
 
-def _collectives(graphs: list[torch.fx.GraphModule]) -> dict[str, CollectiveStats]:
+def collectives(graphs: list[torch.fx.GraphModule]) -> dict[str, CollectiveStats]:
+    """Collective kinds in ``graphs`` with their count and output bytes. Subgraphs count too:
+    Inductor's overlap scheduler moves nodes into control_deps subgraphs."""
     stats: dict[str, CollectiveStats] = {}
     for graph in graphs:
-        for node in graph.graph.nodes:
-            if node.op != "call_function" or not str(node.target).startswith("_c10d_functional"):
+        for module in graph.modules():
+            if not isinstance(module, torch.fx.GraphModule):
                 continue
-            kind = _COLLECTIVES.get(node.target._opname)
-            if kind is None:
-                continue
-            values = node.meta.get("val")
-            values = values if isinstance(values, (list, tuple)) else [values]
-            entry = stats.setdefault(kind, CollectiveStats())
-            entry.count += 1
-            entry.bytes += sum(v.numel() * v.element_size() for v in values if v is not None)
+            for node in module.graph.nodes:
+                if not isinstance(node.target, torch._ops.OpOverload):
+                    continue
+                if node.target.namespace not in ("_c10d_functional", "bucketing"):
+                    continue
+                kind = _COLLECTIVES.get(node.target._opname)
+                if kind is None:
+                    continue
+                values = node.meta.get("val")
+                values = values if isinstance(values, (list, tuple)) else [values]
+                entry = stats.setdefault(kind, CollectiveStats())
+                entry.count += 1
+                entry.bytes += sum(v.numel() * v.element_size() for v in values if v is not None)
     return stats
 
 
@@ -116,7 +130,7 @@ def build_report(
     """Report the plan from the solver's joint graph (global shapes), the forward and backward
     graphs the parallel module runs (this rank's shapes) and its parameters."""
     report = PlanReport(mesh=dict(zip(mesh_axes, mesh_shape, strict=True)))
-    report.collectives = _collectives([forward_graph, backward_graph])
+    report.collectives = collectives([forward_graph, backward_graph])
     for fqn, param in parallel_model.named_parameters():
         if isinstance(param, DTensor):
             key = ", ".join(f"{a}={p}" for a, p in zip(mesh_axes, param.placements, strict=True))

@@ -98,3 +98,9 @@ class AutoParallelTrainer(Trainer):
                 model_spec = dataclasses.replace(self.model_spec, parallelize_fn=component)
                 config = dataclasses.replace(self, model_spec=model_spec)
             return Configurable.Config.build(config, **kwargs)
+
+    def train_step(self, data_iterator):
+        super().train_step(data_iterator)
+        component = self.config.model_spec.parallelize_fn
+        if isinstance(component, AliasAwareAutoParallel):
+            component.report_compiled_plan()
