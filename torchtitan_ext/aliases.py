@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -394,6 +394,12 @@ def unique_storage_bytes(module: nn.Module) -> int:
     """
     tensors = [t for _, t in module.named_parameters(remove_duplicate=False)]
     tensors += [t for _, t in module.named_buffers(remove_duplicate=False)]
+    return storage_bytes(tensors)
+
+
+def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the untyped storages behind ``tensors``, each counted once (DTensor: its
+    local shard's storage)."""
     storages = {}
     for t in tensors:
         storage = _local(t).untyped_storage()

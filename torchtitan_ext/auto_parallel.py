@@ -8,6 +8,8 @@ verified. The Trainer then calls ``to_empty()`` and ``init_weights()`` on it as 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 import time
@@ -104,9 +106,10 @@ class AliasAwareAutoParallel(Configurable):
         self.times = PhaseTimes()
         self.alias_map: AliasMap | None = None
         self.report: PlanReport | None = None
-        # Compiled runs: Inductor's graphs after bucketing, and where to write the report.
+        self._dump = ""  # <dump_folder>/autoparallel: plan.json, startup.json, placements
+        # Compiled runs: Inductor's graphs after bucketing, for the report.
+        self._compiled = False
         self._scheduled_graphs: list[torch.fx.GraphModule] = []
-        self._dump = ""
 
     def __call__(
         self,
@@ -209,7 +212,7 @@ class AliasAwareAutoParallel(Configurable):
                 placement = load_placements(autop.sharding_optimizer, placement_path)
                 logger.info(f"AutoParallel: loaded placements from {placement_path} (no solve)")
             self.times.solve = time.perf_counter() - t0
-            dump = os.path.join(dump_folder, "autoparallel")
+            dump = self._dump = os.path.join(dump_folder, "autoparallel")
             if _is_rank0():
                 os.makedirs(dump, exist_ok=True)
                 if solved and placement_path:
@@ -268,13 +271,13 @@ class AliasAwareAutoParallel(Configurable):
         )
         self._write_report(dump)
         if compile_model:
-            self._compile(parallel_model, ac_config=ac_config, dump=dump)
+            self._compile(parallel_model, ac_config=ac_config)
         return parallel_model
 
     def report_compiled_plan(self) -> bool:
         """Once Inductor compiled the forward and backward, update the plan report with their
         (bucketed) collectives, log and write it; True when done or nothing to do."""
-        if self.report is None or self.report.compiled or not self._dump:
+        if not self._compiled or self.report.compiled:
             return True
         if len(self._scheduled_graphs) < 2:
             return False
@@ -289,7 +292,7 @@ class AliasAwareAutoParallel(Configurable):
             with open(os.path.join(dump, "plan.json"), "w") as f:
                 f.write(self.report.to_json())
 
-    def _compile(self, parallel_model: nn.Module, *, ac_config, dump: str) -> None:
+    def _compile(self, parallel_model: nn.Module, *, ac_config) -> None:
         """Compile in place (FQNs unchanged) with AutoParallel's backend: Inductor with
         collective bucketing and comm/compute overlap scheduling, plus AutoParallel's
         activation-checkpointing pass when torchtitan's --activation_checkpoint asks for AC.
@@ -313,7 +316,7 @@ class AliasAwareAutoParallel(Configurable):
 
         # Inductor imports the pass from this module each time it runs it.
         overlap_scheduling.schedule_overlap_bucketing_from_inductor_configs = recording_schedule
-        self._dump = dump
+        self._compiled = True
         backend = autoparallel_backend(enable_ac=ac_config is not None, overlap_scheduling=True)
         parallel_model.compile(backend=backend, fullgraph=True)
         logger.info(
@@ -374,6 +377,9 @@ class AliasAwareAutoParallel(Configurable):
             result = init_weights(*args, **kwargs)
             self.times.init = time.perf_counter() - t0
             self._check_aliases(module, when="after init_weights")
+            if _is_rank0() and self._dump:
+                with open(os.path.join(self._dump, "startup.json"), "w") as f:
+                    json.dump(dataclasses.asdict(self.times), f, indent=2)
             return result
 
         module.init_weights = timed_init_weights

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -15,6 +16,7 @@ from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer as TitanTrainer
 
 from torchtitan_ext import cpu
+from torchtitan_ext.aliases import storage_bytes
 from torchtitan_ext.auto_parallel import AliasAwareAutoParallel
 
 
@@ -45,9 +47,36 @@ class Trainer(TitanTrainer):
         super().__init__(config)
 
     def train_step(self, data_iterator):
+        first = not hasattr(self, "_state_bytes")
         super().train_step(data_iterator)
+        if first:
+            self._record_state_bytes()
         if self.step == self.config.grad_dump_step:
             self._dump_gradients()
+
+    def _record_state_bytes(self) -> None:
+        """Log and save (<dump_folder>/rank_stats/rank<R>.json) the bytes this rank holds
+        for parameters, gradients and optimizer states, each storage counted once."""
+        params = [p for part in self.model_parts for p in part.parameters()]
+        optimizer_states = [
+            value
+            for optimizer in self.optimizers.optimizers
+            for state in optimizer.state.values()
+            for value in state.values()
+            if isinstance(value, torch.Tensor) and value.dim() > 0
+        ]
+        self._state_bytes = {
+            "parameters": storage_bytes(params),
+            "gradients": storage_bytes(p.grad for p in params if p.grad is not None),
+            "optimizer_states": storage_bytes(optimizer_states),
+        }
+        mib = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in self._state_bytes.items())
+        logger.info(f"State on this rank: {mib}")
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        folder = os.path.join(self.config.dump_folder, "rank_stats")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
+            json.dump(self._state_bytes, f)
 
     def _dump_gradients(self) -> None:
         # full_tensor() gathers sharded gradients: every rank must take part.
