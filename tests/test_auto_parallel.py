@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -10,15 +11,13 @@ import sys
 import tomllib
 
 import pytest
-import torch
 import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from torchtitan.config import ConfigManager
-from torchtitan.distributed import ParallelDims
 
 from tests._training import REPO_ROOT
-from torchtitan_ext import auto_parallel, cpu
-from torchtitan_ext.auto_parallel import AUTOPARALLEL_COMMIT, AliasAwareAutoParallel
+from torchtitan_ext import auto_parallel
+from torchtitan_ext.auto_parallel import AUTOPARALLEL_COMMIT, AliasAwareAutoParallel, plan_model
 
 CONFIG = "llama3_debugmodel_autoparallel"
 
@@ -65,14 +64,14 @@ def test_cli_overrides_reach_the_parsed_config():
         "--autoparallel.alias_check", "warn",
         "--autoparallel.placement_file", "plan/placements.json",
         "--autoparallel.dump_placements",
-        "--autoparallel.no-data-parallel-matmuls",
+        "--autoparallel.no-parallel-matmuls",
         "--parallelize", "torchtitan",
     )  # fmt: skip
     ap = config.autoparallel
     assert (ap.param_memory_low, ap.param_memory_high) == (0.25, 0.5)
     assert ap.alias_check == "warn"
     assert ap.placement_file == "plan/placements.json"
-    assert ap.dump_placements and not ap.data_parallel_matmuls
+    assert ap.dump_placements and not ap.parallel_matmuls
     assert config.parallelize == "torchtitan"
     assert parse().autoparallel == AliasAwareAutoParallel.Config()
 
@@ -164,24 +163,8 @@ def two_fake_ranks():
     dist.destroy_process_group()
 
 
-def parallelize(config, *, world_size: int = 2, dump_folder):
-    """Run the component as our Trainer does, on the meta model."""
-    cpu.install_runtime()  # the Trainer's first step; meshes are then built on CPU
-    config.model_spec.model.update_from_config(config=config)
-    with torch.device("meta"):
-        model = config.model_spec.model.build()
-    parallel_dims = ParallelDims.from_config(config.parallelism, world_size)
-    component = config.autoparallel.build()
-    parallel = component(
-        model,
-        parallel_dims=parallel_dims,
-        training=config.training,
-        parallelism=config.parallelism,
-        compile_config=config.compile,
-        ac_config=config.activation_checkpoint,
-        dump_folder=str(dump_folder),
-    )
-    return model, parallel, component
+def parallelize(config, *, dump_folder):
+    return plan_model(config, world_size=2, dump_folder=str(dump_folder))
 
 
 @pytest.fixture(scope="module")
@@ -251,3 +234,44 @@ def test_replicate_mesh_gets_the_ddp_like_plan(two_fake_ranks, tmp_path):
     assert set(report.parameters) == {"dp_replicate=R"}, report.parameters
     assert set(report.collectives) == {"all_reduce"}, report.collectives
     assert report.forward_flop_share == pytest.approx(0.5)
+
+
+@needs_engine
+@pytest.mark.engine
+def test_no_reshard_after_forward_drops_the_backward_gathers(two_fake_ranks, tmp_path):
+    config = parse("--parallelism.fsdp_reshard_after_forward", "never")
+    model, _, component = parallelize(config, dump_folder=tmp_path)
+    unique = len(list(model.parameters()))
+    assert component.report.collectives["all_gather"].count == unique
+    assert component.report.collectives["reduce_scatter"].count == unique
+
+
+@needs_engine
+@pytest.mark.engine
+def test_dp_shard_by_tp_mesh_shards_attention_and_mlp_weights_on_tp(tmp_path):
+    """dp_shard=4 x tp=2, planned in a fresh process on a fake 8-rank group (2 layers)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests._plan_probe", "--world", "8", "--layers", "2",
+         "--parallelism.data_parallel_shard_degree", "4",
+         "--parallelism.tensor_parallel_degree", "2"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["mesh"] == {"dp_shard": 4, "tp": 2}
+    tp_sharded = {
+        fqn.split(".", 2)[-1]
+        for placement, fqns in report["parameters"].items()
+        if "tp=S(" in placement
+        for fqn in fqns
+        if fqn.startswith("layers.")
+    }
+    for weight in (
+        "attention.qkv_linear.wqkv.weight",
+        "attention.wo.weight",
+        "feed_forward.w1.weight",
+        "feed_forward.w2.weight",
+        "feed_forward.w3.weight",
+    ):
+        assert weight in tp_sharded, (weight, report["parameters"])  # fmt: skip
+    assert report["forward_flop_share"] == pytest.approx(1 / 8)

@@ -24,7 +24,7 @@ from torchtitan.distributed.fsdp import get_fsdp_reshard_after_forward_policy
 from torchtitan.tools.logging import logger
 
 from torchtitan_ext import cpu
-from torchtitan_ext.aliases import AliasError, AliasMap
+from torchtitan_ext.aliases import AliasError, AliasMap, storage_bytes, unique_storage_bytes
 from torchtitan_ext.plan import PlanReport, build_report, collectives
 
 # The AutoParallel commit this project is tested against; pyproject.toml's extra pins it too.
@@ -90,10 +90,18 @@ class AliasAwareAutoParallel(Configurable):
         solve is skipped; otherwise the solution is saved there. Empty: always solve.
         Relative paths are under dump_folder."""
 
-        data_parallel_matmuls: bool = True
-        """Require every forward matmul to compute on this rank's share of the batch.
-        Without it, the solver's cost model (H100 figures, also on CPU) often prefers
-        gathering the whole batch onto every rank over reducing gradients."""
+        parallel_matmuls: bool = True
+        """Require every forward matmul to compute only this rank's share: its rows of the
+        batch on the data-parallel axes and, with tensor_parallel_degree > 1, its slice of
+        the weight on tp (column-parallel, or row-parallel with partial sums; the solver
+        picks). Without it, the solver's cost model (H100 figures, also on CPU) often
+        prefers replicating compute (the whole batch, or the whole weight) over the
+        collectives that splitting it needs."""
+
+        compile_cache_dir: str = "compile_cache"
+        """With --compile.enable: folder for Inductor's and AOTAutograd's compile caches, so
+        that a second start of the same config reuses the compiled code. Relative paths are
+        under dump_folder; empty keeps Inductor's default (TORCHINDUCTOR_CACHE_DIR)."""
 
         dump_placements: bool = False
         """Write the solver's placements (placements.json, the placement_file format; and
@@ -200,9 +208,8 @@ class AliasAwareAutoParallel(Configurable):
             autop.add_output_constraints([io_placement])
             autop.add_parameter_memory_constraint(low=low, high=high)
             constrain_alias_placements(autop, self.alias_map)
-            if self.config.data_parallel_matmuls:
-                data_dims = [i for i, a in enumerate(axes) if a in _DATA_AXES]
-                _constrain_matmuls_to_batch_shards(autop, data_dims=data_dims, batch=batch)
+            if self.config.parallel_matmuls:
+                _constrain_matmuls(autop, axes=axes, batch=batch)
 
             t0 = time.perf_counter()
             solved = not (placement_path and os.path.exists(placement_path))
@@ -271,7 +278,7 @@ class AliasAwareAutoParallel(Configurable):
         )
         self._write_report(dump)
         if compile_model:
-            self._compile(parallel_model, ac_config=ac_config)
+            self._compile(parallel_model, ac_config=ac_config, dump_folder=dump_folder)
         return parallel_model
 
     def report_compiled_plan(self) -> bool:
@@ -292,7 +299,7 @@ class AliasAwareAutoParallel(Configurable):
             with open(os.path.join(dump, "plan.json"), "w") as f:
                 f.write(self.report.to_json())
 
-    def _compile(self, parallel_model: nn.Module, *, ac_config) -> None:
+    def _compile(self, parallel_model: nn.Module, *, ac_config, dump_folder: str) -> None:
         """Compile in place (FQNs unchanged) with AutoParallel's backend: Inductor with
         collective bucketing and comm/compute overlap scheduling, plus AutoParallel's
         activation-checkpointing pass when torchtitan's --activation_checkpoint asks for AC.
@@ -305,6 +312,11 @@ class AliasAwareAutoParallel(Configurable):
         from torch._inductor.fx_passes import overlap_scheduling
 
         cpu.install_compile_runtime()
+        if self.config.compile_cache_dir:
+            cache = os.path.join(dump_folder, self.config.compile_cache_dir)
+            # Inductor (and the AOTAutograd cache under it) reads this at each lookup.
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(cache)
+            logger.info(f"AutoParallel: compile caches in {os.environ['TORCHINDUCTOR_CACHE_DIR']}")
         schedule = overlap_scheduling.schedule_overlap_bucketing_from_inductor_configs
 
         def recording_schedule(gm, *args, **kwargs):
@@ -378,11 +390,44 @@ class AliasAwareAutoParallel(Configurable):
             self.times.init = time.perf_counter() - t0
             self._check_aliases(module, when="after init_weights")
             if _is_rank0() and self._dump:
+                # Each alias name shares its group's storage: all names cost what the
+                # deduplicated objects cost (alias_extra_bytes 0).
+                everything = unique_storage_bytes(module)
+                objects = storage_bytes([*module.parameters(), *module.buffers()])
+                startup = {
+                    "seconds": dataclasses.asdict(self.times),
+                    "unique_storage_bytes": everything,
+                    "alias_extra_bytes": everything - objects,
+                }
                 with open(os.path.join(self._dump, "startup.json"), "w") as f:
-                    json.dump(dataclasses.asdict(self.times), f, indent=2)
+                    json.dump(startup, f, indent=2)
             return result
 
         module.init_weights = timed_init_weights
+
+
+def plan_model(config, *, world_size: int, dump_folder: str):
+    """Parallelize an AutoParallelTrainer.Config's model as the Trainer does, on the meta
+    device, without training or initializing it: for dry runs, tests and benchmarks.
+    Needs a process group of ``world_size`` ranks (a fake one is enough). Returns the meta
+    model, the parallel model and the component (its ``report`` and ``times``)."""
+    from torchtitan.distributed import ParallelDims
+
+    cpu.install_runtime()  # what the Trainer does first: meshes are then built on CPU
+    config.model_spec.model.update_from_config(config=config)
+    with torch.device("meta"):
+        model = config.model_spec.model.build()
+    component = config.autoparallel.build()
+    parallel = component(
+        model,
+        parallel_dims=ParallelDims.from_config(config.parallelism, world_size),
+        training=config.training,
+        parallelism=config.parallelism,
+        compile_config=config.compile,
+        ac_config=config.activation_checkpoint,
+        dump_folder=dump_folder,
+    )
+    return model, parallel, component
 
 
 def reset_autoparallel_caches() -> None:
@@ -423,15 +468,22 @@ def constrain_alias_placements(autop, alias_map: AliasMap) -> None:
             opt.add_node_constraint(base, (Replicate(),) * autop.mesh.ndim, "alias_view_base")
 
 
-def _constrain_matmuls_to_batch_shards(autop, *, data_dims: list[int], batch: int) -> None:
-    """Constrain each forward matmul's output to Shard(0) (the batch) on every data axis.
+def _constrain_matmuls(autop, *, axes: list[str], batch: int) -> None:
+    """Constrain each forward matmul's output to Shard(0) (the batch) on every data axis and,
+    on a tp axis, to Shard(last dim) (column-parallel) or Partial (row-parallel).
 
-    AutoParallel traces linear layers as aten.einsum. Its public add_node_constraint takes one
-    placement for the whole mesh; on a dp x tp mesh the tp placement must stay the solver's
-    choice, so we select every strategy whose data-axis placements are Shard(0) and use the
-    optimizer's underlying constraint (the call add_node_constraint itself makes).
+    AutoParallel traces linear layers as aten.einsum with the weight as [in, out]. Its public
+    add_node_constraint takes one placement for the whole mesh; here several are allowed,
+    so we select the matching strategies and use the optimizer's underlying constraint (the
+    call add_node_constraint itself makes).
     """
     opt = autop.sharding_optimizer
+
+    def allowed(placement, axis: str, ndim: int) -> bool:
+        if axis == "tp":
+            return placement == Shard(ndim - 1) or placement.is_partial()
+        return placement == Shard(0)
+
     for node in autop.gm.graph.find_nodes(op="call_function", target=torch.ops.aten.einsum.default):
         value = node.meta.get("val")
         if node.meta.get("partitioner_tag") != "is_forward" or value.shape[0] != batch:
@@ -440,10 +492,13 @@ def _constrain_matmuls_to_batch_shards(autop, *, data_dims: list[int], batch: in
         indices = [
             i
             for i, strategy in enumerate(opt.strats[node].strategies)
-            if all(strategy.output_specs.placements[d] == Shard(0) for d in data_dims)
+            if all(
+                allowed(p, axis, value.dim())
+                for p, axis in zip(strategy.output_specs.placements, axes, strict=True)
+            )
         ]
         opt._add_node_constraint(
-            node, output_constraint_indices=indices, constraint_name="data_parallel_matmul"
+            node, output_constraint_indices=indices, constraint_name="parallel_matmul"
         )
 
 
