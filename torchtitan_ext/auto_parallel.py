@@ -290,7 +290,20 @@ class AliasAwareAutoParallel(Configurable):
             return False
         self.report.collectives = collectives(self._scheduled_graphs)
         self.report.compiled = True
-        logger.info("AutoParallel: compiled plan:\n  " + "\n  ".join(self.report.lines()))
+        from torch._dynamo.utils import counters
+
+        caches = ", ".join(
+            f"{name} {kind} {counters[group][f'{prefix}_{kind}']}"
+            for group, prefix, name in (
+                ("inductor", "fxgraph_cache", "FX graph"),
+                ("aot_autograd", "autograd_cache", "AOTAutograd"),
+            )
+            for kind in ("hit", "miss", "bypass")
+        )
+        logger.info(
+            "AutoParallel: compiled plan:\n  "
+            + "\n  ".join([*self.report.lines(), f"compile caches: {caches}"])
+        )
         self._write_report(self._dump)
         return True
 
