@@ -189,9 +189,16 @@ class AliasAwareAutoParallel(Configurable):
             parallelism.fsdp_reshard_after_forward, parallel_dims.pp_enabled
         )
         low, high = self._memory_bounds(parallel_dims)
-        # Batch on the data axes, replicated on tp; logits likewise (the loss is computed
-        # on each rank's local logits, so tp must hand back full-vocab logits).
-        io_placement = tuple(Shard(0) if a in _DATA_AXES else Replicate() for a in axes)
+        # Inputs: the batch on the data axes, replicated on tp. Logits: the batch on the
+        # data axes and, on tp, what torchtitan's loss takes: vocab-sharded under the
+        # spmd_types backend (its loss-parallel cross-entropy when tp > 1), the full
+        # vocabulary under the DTensor backends.
+        input_placement = tuple(Shard(0) if a in _DATA_AXES else Replicate() for a in axes)
+        vocab_parallel = parallelism.spmd_backend == "spmd_types"
+        logits_placement = tuple(
+            Shard(0) if a in _DATA_AXES else (Shard(2) if vocab_parallel else Replicate())
+            for a in axes
+        )
         placement_path = self._placement_path(dump_folder)
 
         logger.info(
@@ -204,8 +211,8 @@ class AliasAwareAutoParallel(Configurable):
             model, input_fn, mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward
         ) as autop:
             self.times.trace = time.perf_counter() - t0
-            autop.add_input_constraints([io_placement, io_placement])
-            autop.add_output_constraints([io_placement])
+            autop.add_input_constraints([input_placement, input_placement])
+            autop.add_output_constraints([logits_placement])
             autop.add_parameter_memory_constraint(low=low, high=high)
             constrain_alias_placements(autop, self.alias_map)
             if self.config.parallel_matmuls:
