@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -11,11 +12,34 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-# torchrun --tee prefixes every line with [rankN]:
+# torchrun --tee prefixes each line with [rankN]: ; a comm_mode run (one process) does not.
 _STEP = re.compile(
-    r"^\[rank(?P<rank>\d+)\]:.*step:\s*(?P<step>\d+)\s+loss:\s*(?P<loss>[-\d.]+)"
-    r".*grad_norm:\s*(?P<grad_norm>[-\d.]+)"
+    r"^(?:\[rank(?P<rank>\d+)\]:)?.*\bstep:\s*(?P<step>\d+)\s+loss:\s*(?P<loss>\S+)"
+    r".*grad_norm:\s*(?P<grad_norm>\S+)"
 )
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
+def parse_steps(
+    raw_log: str,
+) -> tuple[str, dict[int, dict[int, float]], dict[int, dict[int, float]]]:
+    """The log without colors, and rank -> step -> loss and grad norm from its step lines."""
+    log = _ANSI.sub("", raw_log)
+    losses: dict[int, dict[int, float]] = {}
+    grad_norms: dict[int, dict[int, float]] = {}
+    for line in log.splitlines():
+        match = _STEP.match(line)
+        if match:
+            rank, step = int(match["rank"] or 0), int(match["step"])
+            losses.setdefault(rank, {})[step] = _float(match["loss"])
+            grad_norms.setdefault(rank, {})[step] = _float(match["grad_norm"])
+    return log, losses, grad_norms
 
 
 @dataclass
@@ -69,12 +93,5 @@ def run_train(
         text=True,
         timeout=timeout,
     )
-    log = _ANSI.sub("", proc.stdout)
-    run = Run(returncode=proc.returncode, log=log)
-    for line in log.splitlines():
-        match = _STEP.match(line)
-        if match:
-            rank, step = int(match["rank"]), int(match["step"])
-            run.losses.setdefault(rank, {})[step] = float(match["loss"])
-            run.grad_norms.setdefault(rank, {})[step] = float(match["grad_norm"])
-    return run
+    log, losses, grad_norms = parse_steps(proc.stdout)
+    return Run(returncode=proc.returncode, log=log, losses=losses, grad_norms=grad_norms)

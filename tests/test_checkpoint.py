@@ -1,0 +1,130 @@
+"""Checkpoints with aliases: DCP between the AutoParallel model and the eager model, both
+ways; which checkpoint a run resumes from after a save was killed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+from torchtitan.components.checkpoint import CheckpointManager
+
+from tests._checkpoint_roundtrip import CONFIG, LAYERS, TIED
+from tests._training import REPO_ROOT
+from tests.integration.run_tests import engine_skip_mark
+
+needs_engine = engine_skip_mark()
+
+ROPE_CACHES = [f"layers.{i}.attention.rope.cache" for i in range(LAYERS)]
+
+
+# --- DCP round trip: AutoParallel (2 gloo ranks) <-> eager (1 process) ---
+# CONFIG is the shared-RoPE config (tied embeddings and one RoPE cache for every layer),
+# cut to its first LAYERS layers.
+
+
+@pytest.fixture(scope="module")
+def roundtrip(tmp_path_factory) -> dict:
+    workdir = tmp_path_factory.mktemp("dcp_roundtrip")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests._checkpoint_roundtrip", str(workdir), "--ranks", "2"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"round trip exited {proc.returncode}:\n{output[-6000:]}"
+    results = json.loads((workdir / "results.json").read_text())
+    results["workdir"] = workdir
+    return results
+
+
+def _assert_aliases_intact(report: dict, where: str) -> None:
+    assert report["tied_parameters_one_object"], f"{where}: {TIED} are two tensors"
+    assert report["tied_state_dict_one_storage"], f"{where}: state_dict holds two storages"
+    assert report["parameter_groups"] == [sorted(TIED)], (where, report["parameter_groups"])
+    assert report["buffer_groups"] == [sorted(ROPE_CACHES)], (where, report["buffer_groups"])
+    assert report["verify"] == "ok", f"{where}: {report['verify']}"
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+@needs_engine
+def test_both_checkpoints_hold_the_same_keys_with_both_tied_names(roundtrip):
+    assert (roundtrip["config"], roundtrip["layers"], roundtrip["ranks"]) == (CONFIG, LAYERS, 2)
+    keys = roundtrip["checkpoint_keys"]
+    assert keys["autoparallel"] == keys["eager"]
+    assert set(TIED) <= set(keys["eager"])
+    # The fused wqkv is saved in torchtitan's stock layout by its state_dict hooks, on both
+    # sides; the RoPE cache is non-persistent.
+    assert "layers.0.attention.qkv_linear.wq.weight" in keys["eager"]
+    assert not any("wqkv" in k or "rope" in k for k in keys["eager"])
+    assert keys["eager"] == roundtrip["eager_save"]["saved_keys"]
+    for rank in roundtrip["autoparallel"]:
+        assert rank["saved_keys"] == keys["eager"]
+    # The two tied names hold one value in each checkpoint (read into separate tensors).
+    assert roundtrip["checkpoint_tied_values_equal"] == {"eager": True, "autoparallel": True}
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+@needs_engine
+def test_autoparallel_side_is_sharded_and_tied_before_any_load(roundtrip):
+    for rank in roundtrip["autoparallel"]:
+        assert rank["placements"] == ["(Shard(dim=0),)"], rank["placements"]
+        _assert_aliases_intact(rank["aliases_after_init"], "AutoParallel after init")
+    _assert_aliases_intact(roundtrip["eager_save"]["aliases"], "eager after init")
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+@needs_engine
+def test_eager_checkpoint_loads_into_the_autoparallel_model(roundtrip):
+    for number, rank in enumerate(roundtrip["autoparallel"]):
+        loaded = rank["load_eager"]
+        compare = loaded["compare"]
+        assert not compare["missing"] and not compare["unexpected"], compare
+        assert compare["differing"] == [], f"rank {number}: {compare}"
+        assert loaded["load_changed_values"], "the load left the AutoParallel init in place"
+        _assert_aliases_intact(loaded["aliases"], f"AutoParallel rank {number} after load")
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+@needs_engine
+def test_autoparallel_checkpoint_loads_into_the_eager_model(roundtrip):
+    loaded = roundtrip["eager_load"]
+    compare = loaded["compare"]
+    assert not compare["missing"] and not compare["unexpected"], compare
+    assert compare["differing"] == [], compare
+    assert loaded["load_changed_values"], "the load left the eager init in place"
+    _assert_aliases_intact(loaded["aliases"], "eager after load")
+
+
+# --- which checkpoint a resumed run loads ---
+# The kill-and-resume runs themselves are integration runs (tests/integration/runs.py:
+# ap_shared_rope_1rank_kill_resume, run by tests/test_integration.py on CPU, and
+# gpu_kill_resume_dp_shard8): a run SIGKILLed while DCP writes its step-4 checkpoint resumes
+# from step 2 and repeats steps 3-4 exactly.
+
+
+def test_torchtitan_resumes_only_from_folders_with_dcp_metadata(tmp_path):
+    """A save killed before DCP's finish() leaves shard files without .metadata; torchtitan's
+    checkpointer must not pick that folder."""
+    folder = tmp_path / "checkpoint"
+    for step, complete in ((2, True), (4, False), (6, False)):
+        (folder / f"step-{step}").mkdir(parents=True)
+        (folder / f"step-{step}" / "__0_0.distcp").write_bytes(b"shard")
+        if complete:
+            (folder / f"step-{step}" / ".metadata").write_bytes(b"metadata")
+    (folder / "step-9.tmp").mkdir()  # not a step folder of a complete save either
+
+    def latest() -> int:
+        return CheckpointManager._find_load_step(SimpleNamespace(folder=str(folder)))
+
+    assert latest() == 2
+    (folder / "step-6" / ".metadata").write_bytes(b"metadata")
+    assert latest() == 6
