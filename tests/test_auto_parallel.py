@@ -248,16 +248,27 @@ def test_no_reshard_after_forward_drops_the_backward_gathers(two_fake_ranks, tmp
 
 @needs_engine
 @pytest.mark.engine
-def test_dp_shard_by_tp_mesh_shards_attention_and_mlp_weights_on_tp(tmp_path):
-    """dp_shard=4 x tp=2, planned in a fresh process on a fake 8-rank group (2 layers)."""
+def probe(world: int, *args: str) -> dict:
+    """Plan the debug config (1 layer) on a fake ``world``-rank group in a fresh process."""
     proc = subprocess.run(
-        [sys.executable, "-m", "tests._plan_probe", "--world", "8", "--layers", "2",
-         "--parallelism.data_parallel_shard_degree", "4",
-         "--parallelism.tensor_parallel_degree", "2"],
+        [sys.executable, "-m", "tests._plan_probe", "--world", str(world), "--layers", "1", *args],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@needs_engine
+@pytest.mark.engine
+def test_dp_shard_by_tp_mesh_shards_attention_and_mlp_weights_on_tp():
+    """dp_shard=4 x tp=2 on a fake 8-rank group: Megatron-style TP inside FSDP."""
+    report = probe(
+        8,
+        "--parallelism.data_parallel_shard_degree",
+        "4",
+        "--parallelism.tensor_parallel_degree",
+        "2",
+    )
     assert report["mesh"] == {"dp_shard": 4, "tp": 2}
     tp_sharded = {
         fqn.split(".", 2)[-1]
@@ -275,3 +286,18 @@ def test_dp_shard_by_tp_mesh_shards_attention_and_mlp_weights_on_tp(tmp_path):
     ):
         assert weight in tp_sharded, (weight, report["parameters"])  # fmt: skip
     assert report["forward_flop_share"] == pytest.approx(1 / 8)
+
+
+@needs_engine
+@pytest.mark.engine
+def test_replicate_by_shard_mesh_gets_hsdp():
+    """dp_replicate=2 x dp_shard=2: parameters replicated across the replicate axis and
+    sharded within each group, as torchtitan's knobs say, every matmul on 1/4 of the batch."""
+    report = probe(
+        4,
+        "--parallelism.data_parallel_replicate_degree", "2",
+        "--parallelism.data_parallel_shard_degree", "2",
+    )  # fmt: skip
+    assert report["mesh"] == {"dp_replicate": 2, "dp_shard": 2}
+    assert all(p.startswith("dp_replicate=R, dp_shard=S(") for p in report["parameters"]), report
+    assert report["forward_flop_share"] == pytest.approx(1 / 4)

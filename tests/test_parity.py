@@ -13,6 +13,7 @@ does); step-1 gradients from ``--grad_dump_step 1``.
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import time
 from pathlib import Path
@@ -27,7 +28,12 @@ needs_engine = engine_skip_mark()
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine, needs_engine]
 
-VARIANTS = ["llama3_debugmodel_autoparallel", "llama3_debugmodel_shared_rope_autoparallel"]
+# variant -> (config, extra flags of the AutoParallel run). The shared-RoPE run is compiled
+# (autoparallel_backend, bucketing on), so it also checks compiled numerics against eager.
+VARIANTS = {
+    "tied": ("llama3_debugmodel_autoparallel", ()),
+    "shared_rope_compiled": ("llama3_debugmodel_shared_rope_autoparallel", ("--compile.enable",)),
+}
 STEPS = 20
 # Half the configs' 256 tokens: the same parity, 45 s less CI time for the two variants.
 SEQ_LEN = 128
@@ -54,7 +60,7 @@ def seed_checkpoint(tmp_path_factory) -> Path:
     non-persistent buffer), and a key mismatch would fail DCP's load."""
     dump = tmp_path_factory.mktemp("seed")
     run_train(
-        VARIANTS[0],
+        VARIANTS["tied"][0],
         "--checkpoint.create_seed_checkpoint",
         "--checkpoint.enable",
         "--debug.seed", SEED,
@@ -86,10 +92,14 @@ def _train(config: str, seed_checkpoint: Path, dump: Path, *args: str, ngpu: int
     return run, tensorboard_losses(dump), grads
 
 
-@pytest.fixture(scope="module", params=VARIANTS)
-def parity(request, seed_checkpoint, tmp_path_factory) -> dict:
-    config = request.param
-    root = tmp_path_factory.mktemp(config)
+_PARITY: dict[str, dict] = {}
+
+
+def _parity(variant: str, seed_checkpoint: Path, root: Path) -> dict:
+    """Train ``variant`` eagerly (1 rank) and through AutoParallel (2 ranks), once."""
+    if variant in _PARITY:
+        return _PARITY[variant]
+    config, ap_args = VARIANTS[variant]
     eager, eager_losses, eager_grads = _train(
         config,
         seed_checkpoint,
@@ -103,6 +113,7 @@ def parity(request, seed_checkpoint, tmp_path_factory) -> dict:
         seed_checkpoint,
         root / "autoparallel",
         "--training.local_batch_size", "4",
+        *ap_args,
         ngpu=2,
     )  # fmt: skip
     # (a) really is eager and (b) really is AutoParallel on a 2-rank sharded mesh.
@@ -112,14 +123,21 @@ def parity(request, seed_checkpoint, tmp_path_factory) -> dict:
     assert "parameter tok_embeddings.weight = lm_head.weight" in ap.log
     if "shared_rope" in config:
         assert "buffer layers.0.attention.rope.cache = layers.1.attention.rope.cache" in ap.log
-    return {
+    _PARITY[variant] = {
         "config": config,
+        "ap_log": ap.log,
         "eager_losses": eager_losses,
         "ap_losses": ap_losses,
         "eager_grads": eager_grads,
         "ap_grads": ap_grads,
         "seconds": {"eager": round(eager.seconds, 1), "autoparallel": round(ap.seconds, 1)},
     }
+    return _PARITY[variant]
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def parity(request, seed_checkpoint, tmp_path_factory) -> dict:
+    return _parity(request.param, seed_checkpoint, tmp_path_factory.mktemp(request.param))
 
 
 def _report(request, record_property, name: str, value) -> None:
@@ -168,3 +186,22 @@ def test_step1_gradients_match_eager(parity, request, record_property):
 def test_autoparallel_loss_falls(parity):
     losses = [parity["ap_losses"][s] for s in sorted(parity["ap_losses"])]
     assert losses[-1] < losses[0] - 3.0, losses
+
+
+def _collective_count(log: str, executed: str) -> int:
+    """Collectives per step from the plan report's line, e.g. "(eager): 87 all_gather ..."."""
+    line = re.search(rf"collectives per step \({re.escape(executed)}\): (.*)", log)
+    assert line, f"no '{executed}' collectives line in the log"
+    return sum(int(n) for n in re.findall(r"(\d+) [a-z_]+ \(", line[1]))
+
+
+def test_compiled_runs_at_most_a_fifth_of_the_eager_collectives(
+    seed_checkpoint, tmp_path_factory, request, record_property
+):
+    log = _parity("shared_rope_compiled", seed_checkpoint, tmp_path_factory.mktemp("c"))["ap_log"]
+    eager = _collective_count(log, "eager")
+    compiled = _collective_count(log, "compiled, after bucketing")
+    _report(
+        request, record_property, "collectives_per_step", {"eager": eager, "compiled": compiled}
+    )
+    assert compiled * 5 <= eager, (compiled, eager)

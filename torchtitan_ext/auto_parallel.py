@@ -149,6 +149,7 @@ class AliasAwareAutoParallel(Configurable):
             )
         cpu.install_autoparallel_runtime()
         reset_autoparallel_caches()
+        self.times = PhaseTimes()
 
         t0 = time.perf_counter()
         self.alias_map = AliasMap.capture(model)
@@ -215,6 +216,8 @@ class AliasAwareAutoParallel(Configurable):
             autop.add_output_constraints([logits_placement])
             autop.add_parameter_memory_constraint(low=low, high=high)
             constrain_alias_placements(autop, self.alias_map)
+            if "dp_replicate" in axes and len(axes) > 1:
+                _replicate_parameters(autop, axis=axes.index("dp_replicate"))
             if self.config.parallel_matmuls:
                 _constrain_matmuls(autop, axes=axes, batch=batch)
 
@@ -486,6 +489,25 @@ def constrain_alias_placements(autop, alias_map: AliasMap) -> None:
         base = nodes.get(view.base)
         if base is not None:
             opt.add_node_constraint(base, (Replicate(),) * autop.mesh.ndim, "alias_view_base")
+
+
+def _replicate_parameters(autop, *, axis: int) -> None:
+    """Keep every parameter replicated on the dp_replicate mesh axis (HSDP: replicate
+    across groups, shard within each). The memory budget alone bounds only the total, and
+    the solver may as well shard on dp_replicate and replicate on dp_shard."""
+    from torch._functorch._aot_autograd.fx_utils import get_named_param_nodes
+
+    opt = autop.sharding_optimizer
+    for node in get_named_param_nodes(opt.graph).values():
+        node = opt._normalize_node(node)
+        indices = [
+            i
+            for i, strategy in enumerate(opt.strats[node].strategies)
+            if strategy.output_specs.placements[axis] == Replicate()
+        ]
+        opt._add_node_constraint(
+            node, output_constraint_indices=indices, constraint_name="replicate_parameter"
+        )
 
 
 def _constrain_matmuls(autop, *, axes: list[str], batch: int) -> None:
