@@ -246,29 +246,51 @@ def test_no_reshard_after_forward_drops_the_backward_gathers(two_fake_ranks, tmp
     assert component.report.collectives["reduce_scatter"].count == unique
 
 
-@needs_engine
-@pytest.mark.engine
-def probe(world: int, *args: str) -> dict:
-    """Plan the debug config (1 layer) on a fake ``world``-rank group in a fresh process."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests._plan_probe", "--world", str(world), "--layers", "1", *args],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+# Plans on meshes of other sizes than this process's: the debug config cut to 1 layer, traced
+# and solved on a fake group in a fresh process. Each is one single-threaded trace and solve
+# of 1-2 minutes, so both start together (2 cores) and each test waits for its own.
+TWO_D_MESHES = {
+    "dp_shard4_tp2": (8, (
+        "--parallelism.data_parallel_shard_degree", "4",
+        "--parallelism.tensor_parallel_degree", "2",
+    )),
+    "hsdp": (4, (
+        "--parallelism.data_parallel_replicate_degree", "2",
+        "--parallelism.data_parallel_shard_degree", "2",
+    )),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_d_plans():
+    probe = [sys.executable, "-m", "tests._plan_probe", "--layers", "1"]
+    procs = {
+        name: subprocess.Popen(
+            [*probe, "--world", str(world), *args],
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, (world, args) in TWO_D_MESHES.items()
+    }
+
+    def report(name: str) -> dict:
+        stdout, stderr = procs[name].communicate(timeout=900)
+        assert procs[name].returncode == 0, stderr[-3000:]
+        return json.loads(stdout.strip().splitlines()[-1])
+
+    yield report
+    for proc in procs.values():
+        proc.kill()
+        proc.communicate()
 
 
 @needs_engine
 @pytest.mark.engine
-def test_dp_shard_by_tp_mesh_shards_attention_and_mlp_weights_on_tp():
+def test_dp_shard_by_tp_mesh_shards_attention_and_mlp_weights_on_tp(two_d_plans):
     """dp_shard=4 x tp=2 on a fake 8-rank group: Megatron-style TP inside FSDP."""
-    report = probe(
-        8,
-        "--parallelism.data_parallel_shard_degree",
-        "4",
-        "--parallelism.tensor_parallel_degree",
-        "2",
-    )
+    report = two_d_plans("dp_shard4_tp2")
     assert report["mesh"] == {"dp_shard": 4, "tp": 2}
     tp_sharded = {
         fqn.split(".", 2)[-1]
@@ -290,14 +312,10 @@ def test_dp_shard_by_tp_mesh_shards_attention_and_mlp_weights_on_tp():
 
 @needs_engine
 @pytest.mark.engine
-def test_replicate_by_shard_mesh_gets_hsdp():
+def test_replicate_by_shard_mesh_gets_hsdp(two_d_plans):
     """dp_replicate=2 x dp_shard=2: parameters replicated across the replicate axis and
     sharded within each group, as torchtitan's knobs say, every matmul on 1/4 of the batch."""
-    report = probe(
-        4,
-        "--parallelism.data_parallel_replicate_degree", "2",
-        "--parallelism.data_parallel_shard_degree", "2",
-    )  # fmt: skip
+    report = two_d_plans("hsdp")
     assert report["mesh"] == {"dp_replicate": 2, "dp_shard": 2}
     assert all(p.startswith("dp_replicate=R, dp_shard=S(") for p in report["parameters"]), report
     assert report["forward_flop_share"] == pytest.approx(1 / 4)
