@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -120,3 +121,40 @@ def test_cost_model_device_limits_on_cpu():
     cpu.install_autoparallel_runtime()
     assert compute_estimation._get_device_limit().name == "H100"
     assert compute_estimation._get_device_tflops(torch.float32) > 0
+
+
+_TEARDOWN_SCRIPT = """
+import atexit, sys, types
+from torchtitan_ext import cpu
+atexit.register(print, "interpreter finalization ran")  # atexit runs last-registered first
+if sys.argv[1] != "not-an-entry-point":
+    sys.modules["__main__"].__spec__ = types.SimpleNamespace(name="torchtitan.train")
+cpu.skip_interpreter_teardown_after_success()
+print("training done", flush=True)
+if sys.argv[1] == "then-fail":
+    raise RuntimeError("failed after close")
+"""
+
+
+@pytest.mark.parametrize("case", ["success", "then-fail", "not-an-entry-point"])
+def test_successful_training_process_skips_interpreter_teardown(case, tmp_path):
+    """After a successful run the entry point exits 0 before gloo's teardown can abort it;
+    a failure keeps its exit code, and other processes (pytest) are left alone."""
+    script = tmp_path / "script.py"
+    script.write_text(_TEARDOWN_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script), case],
+        env={**os.environ, "TORCHTITAN_EXT_DEVICE": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "training done" in proc.stdout
+    if case == "success":
+        assert proc.returncode == 0, proc.stderr
+        assert "interpreter finalization ran" not in proc.stdout
+    elif case == "then-fail":
+        assert proc.returncode == 1 and "failed after close" in proc.stderr
+        assert "interpreter finalization ran" in proc.stdout
+    else:
+        assert proc.returncode == 0 and "interpreter finalization ran" in proc.stdout

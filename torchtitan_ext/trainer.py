@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -45,6 +46,13 @@ class Trainer(TitanTrainer):
     def __init__(self, config: Config):
         cpu.install_runtime()
         super().__init__(config)
+
+    def close(self) -> None:
+        super().close()
+        # torchtitan's main() calls close() after a successful run (no exception being
+        # handled), and also while an exception propagates.
+        if sys.exc_info()[0] is None:
+            cpu.skip_interpreter_teardown_after_success()
 
     def train_step(self, data_iterator):
         first = not hasattr(self, "_state_bytes")
