@@ -4,11 +4,15 @@ torchtitan 0.3.0 assumes an accelerator. Every adaptation that makes it run on a
 without one lives here, each with the limitation it answers. Nothing here runs when an
 accelerator is present, unless ``TORCHTITAN_EXT_DEVICE=cpu`` forces it.
 
-Two entry points:
+Entry points:
 - ``adapt_config(config)``: config-level changes, applied by our config functions so they
   show in ``--debug.print_config`` and stay overridable from the command line.
 - ``install_runtime()``: process-level patches of torchtitan, applied by our Trainer before
   torchtitan's Trainer picks its device. Idempotent; logged once.
+- ``skip_interpreter_teardown_after_success()``: from our Trainer's ``close()`` after a
+  successful run, against gloo's abort at interpreter exit.
+- ``install_autoparallel_runtime()`` and ``install_compile_runtime()``: AutoParallel's and
+  Inductor's CPU gaps, from the AutoParallel component.
 """
 
 from __future__ import annotations
