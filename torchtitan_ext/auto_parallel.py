@@ -9,6 +9,7 @@ verified. The Trainer then calls ``to_empty()`` and ``init_weights()`` on it as 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -499,14 +500,11 @@ def _replicate_parameters(autop, *, axis: int) -> None:
 
     opt = autop.sharding_optimizer
     for node in get_named_param_nodes(opt.graph).values():
-        node = opt._normalize_node(node)
-        indices = [
-            i
-            for i, strategy in enumerate(opt.strats[node].strategies)
-            if strategy.output_specs.placements[axis] == Replicate()
-        ]
-        opt._add_node_constraint(
-            node, output_constraint_indices=indices, constraint_name="replicate_parameter"
+        _keep_strategies(
+            opt,
+            opt._normalize_node(node),
+            lambda placements: placements[axis] == Replicate(),
+            name="replicate_parameter",
         )
 
 
@@ -515,33 +513,38 @@ def _constrain_matmuls(autop, *, axes: list[str], batch: int) -> None:
     on a tp axis, to Shard(last dim) (column-parallel) or Partial (row-parallel).
 
     AutoParallel traces linear layers as aten.einsum with the weight as [in, out]. Its public
-    add_node_constraint takes one placement for the whole mesh; here several are allowed,
-    so we select the matching strategies and use the optimizer's underlying constraint (the
-    call add_node_constraint itself makes).
+    add_node_constraint takes one placement for the whole mesh; here several are allowed.
     """
     opt = autop.sharding_optimizer
 
-    def allowed(placement, axis: str, ndim: int) -> bool:
-        if axis == "tp":
-            return placement == Shard(ndim - 1) or placement.is_partial()
-        return placement == Shard(0)
+    def allowed(placements, *, ndim: int) -> bool:
+        return all(
+            (p == Shard(ndim - 1) or p.is_partial()) if axis == "tp" else p == Shard(0)
+            for p, axis in zip(placements, axes, strict=True)
+        )
 
     for node in autop.gm.graph.find_nodes(op="call_function", target=torch.ops.aten.einsum.default):
         value = node.meta.get("val")
         if node.meta.get("partitioner_tag") != "is_forward" or value.shape[0] != batch:
             continue
-        node = opt._normalize_node(node)
-        indices = [
-            i
-            for i, strategy in enumerate(opt.strats[node].strategies)
-            if all(
-                allowed(p, axis, value.dim())
-                for p, axis in zip(strategy.output_specs.placements, axes, strict=True)
-            )
-        ]
-        opt._add_node_constraint(
-            node, output_constraint_indices=indices, constraint_name="parallel_matmul"
+        _keep_strategies(
+            opt,
+            opt._normalize_node(node),
+            functools.partial(allowed, ndim=value.dim()),
+            name="parallel_matmul",
         )
+
+
+def _keep_strategies(opt, node, keep, *, name: str) -> None:
+    """Constrain ``node`` to the strategies whose output placements (one per mesh axis)
+    satisfy ``keep``. AutoParallel's public add_node_constraint takes one placement for the
+    whole mesh; this is the optimizer's underlying constraint, which it calls itself."""
+    indices = [
+        i
+        for i, strategy in enumerate(opt.strats[node].strategies)
+        if keep(strategy.output_specs.placements)
+    ]
+    opt._add_node_constraint(node, output_constraint_indices=indices, constraint_name=name)
 
 
 def _names(module: nn.Module) -> dict[str, list[str]]:
