@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,8 +24,6 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_modul
 
 from tests._alias_models import MODELS, TiedLM
 from torchtitan_ext.aliases import AliasMap, unique_storage_bytes
-
-AP_MISSING = "Meta's AutoParallel is not installed; pip install 'torchtitan_ext[autoparallel]'"
 
 
 @contextlib.contextmanager
@@ -222,9 +221,15 @@ def run_fsdp2(model_cls: type[nn.Module], mesh: DeviceMesh) -> None:
 
 
 def autoparallel(
-    model: nn.Module, mesh: DeviceMesh, sample: torch.Tensor, *, pair_aliases: bool = True
+    model: nn.Module,
+    mesh: DeviceMesh,
+    sample: torch.Tensor,
+    *,
+    pair_aliases: bool = True,
+    param_memory_high: float | None = None,
 ) -> tuple[nn.Module, AliasMap]:
-    """Trace and solve ``model`` (on meta) with AutoParallel; batch sharded on mesh dim 0."""
+    """Trace and solve ``model`` (on meta) with AutoParallel; batch sharded on mesh dim 0.
+    ``param_memory_high``: at most this fraction of the parameters per rank (FSDP-like)."""
     from autoparallel.api import AutoParallel
     from autoparallel.input_validation import _build_input_fn_from_sample
 
@@ -247,18 +252,33 @@ def autoparallel(
         autop.add_output_constraints([batch_sharded])
         if pair_aliases:
             constrain_alias_placements(autop, alias_map)
+        if param_memory_high is not None:
+            autop.add_parameter_memory_constraint(low=0.0, high=param_memory_high)
         parallel = autop.apply_placement(autop.optimize_placement())
     return parallel, alias_map
 
 
-def run_autoparallel(model_cls: type[nn.Module], mesh: DeviceMesh) -> None:
+def run_autoparallel(model_cls: type[nn.Module], mesh: DeviceMesh, *, sharded: bool = False):
+    """AutoParallel's plan (replicated parameters, for these toys) or, ``sharded``, an
+    FSDP-like one (at most 1/world of the parameters per rank); either way every name,
+    value and gradient is compared with the plain model's, gathered where sharded."""
     rank, world = dist.get_rank(), dist.get_world_size()
     batch = model_cls.sample(batch=2 * world)
     ref = reference(model_cls, batch)
     local_batch = batch.chunk(world)[rank]
     with torch.device("meta"):
         model = model_cls()
-    parallel, alias_map = autoparallel(model, mesh, local_batch)
+    parallel, alias_map = autoparallel(
+        model, mesh, local_batch, param_memory_high=1.0 / world if sharded else None
+    )
+    if sharded:
+        sharded_names = [
+            name
+            for name, param in parallel.named_parameters(remove_duplicate=False)
+            if any(p.is_shard() for p in param.placements)
+        ]
+        tied = {f for group in alias_map.groups if group.kind == "parameter" for f in group.fqns}
+        assert sharded_names and tied <= set(sharded_names), (sharded_names, tied)
     alias_map.restore(parallel)
     alias_map.keep_tied(parallel)
     parallel.to_empty(device="cpu")
@@ -269,10 +289,15 @@ def run_autoparallel(model_cls: type[nn.Module], mesh: DeviceMesh) -> None:
     loss.backward()
     mean_loss = loss.detach().clone()
     dist.all_reduce(mean_loss)
-    check_against_reference(parallel, alias_map, ref, model_cls, loss=mean_loss)
+    check_against_reference(parallel, alias_map, ref, model_cls, loss=mean_loss, sharded=sharded)
 
 
 # ---------------------------------------------------------------------- two ranks
+
+
+# The toys whose aliased tensor is a parameter (tied) or sits beside sharded parameters
+# (shared buffers), run again under an FSDP-like plan.
+SHARDED_TOYS = ("tied", "shared_buffers")
 
 
 def two_rank_worker(rank: int, world_size: int, init_file: str, transforms: list[str]) -> None:
@@ -281,8 +306,11 @@ def two_rank_worker(rank: int, world_size: int, init_file: str, transforms: list
     torch.set_num_threads(1)
     runs = {"fsdp2": run_fsdp2, "distribute_module": run_distribute_module}
     runs["autoparallel"] = run_autoparallel
+    runs["autoparallel_sharded"] = functools.partial(run_autoparallel, sharded=True)
     with process_group("gloo", world_size=world_size, rank=rank, init_file=init_file):
         mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("dp",))
-        for model_cls in MODELS.values():
+        for name, model_cls in MODELS.items():
             for transform in transforms:
+                if transform == "autoparallel_sharded" and name not in SHARDED_TOYS:
+                    continue
                 runs[transform](model_cls, mesh)

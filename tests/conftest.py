@@ -1,7 +1,70 @@
-"""Shows what tests recorded with ``record_property`` (loss-parity differences, integration
-run times and losses) in pytest's terminal summary, also when they pass."""
+"""Suite-wide hooks: the one rule for tests that need Meta's AutoParallel, and a summary of
+what tests recorded with ``record_property``.
+
+A test that needs AutoParallel carries the ``engine`` mark and nothing else: where the
+engine is missing it is skipped here, with the reason and the install command. Where the
+engine is meant to be present (``--require-engine`` or ``TORCHTITAN_EXT_REQUIRE_ENGINE=1``;
+``.ci/run`` and the workflow job that installs it set the variable), nothing is skipped for
+that reason, and any ``engine`` test that skips anyway (a broken install, an importorskip)
+is reported as failed: a broken install must fail, not pass quietly.
+"""
 
 from __future__ import annotations
+
+import os
+
+import pytest
+
+REQUIRE_ENGINE_ENV = "TORCHTITAN_EXT_REQUIRE_ENGINE"
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--require-engine",
+        action="store_true",
+        help=f"fail, never skip, tests that need Meta's AutoParallel (= {REQUIRE_ENGINE_ENV}=1)",
+    )
+
+
+def engine_required(config) -> bool:
+    flag = os.environ.get(REQUIRE_ENGINE_ENV, "")
+    if flag not in ("", "0", "1"):
+        raise pytest.UsageError(f"{REQUIRE_ENGINE_ENV} must be 0 or 1, got {flag!r}")
+    return config.getoption("--require-engine") or flag == "1"
+
+
+def pytest_report_header(config):
+    from tests.integration.run_tests import engine_missing_reason
+
+    reason = engine_missing_reason()
+    state = "installed" if reason is None else f"missing: {reason}"
+    required = "required" if engine_required(config) else "optional"
+    return f"AutoParallel ({required}): {state}"
+
+
+def pytest_collection_modifyitems(config, items):
+    from tests.integration.run_tests import engine_missing_reason
+
+    reason = engine_missing_reason()
+    if reason is None or engine_required(config):
+        return
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        if "engine" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.skipped and "engine" in item.keywords and engine_required(item.config):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = (
+            f"AutoParallel is required here ({REQUIRE_ENGINE_ENV}=1 or --require-engine), "
+            f"but this engine test skipped: {reason}"
+        )
+    return report
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -13,9 +13,6 @@ from torchtitan.components.checkpoint import CheckpointManager
 
 from tests._checkpoint_roundtrip import CONFIG, LAYERS, TIED
 from tests._training import REPO_ROOT
-from tests.integration.run_tests import engine_skip_mark
-
-needs_engine = engine_skip_mark()
 
 ROPE_CACHES = [f"layers.{i}.attention.rope.cache" for i in range(LAYERS)]
 
@@ -52,7 +49,6 @@ def _assert_aliases_intact(report: dict, where: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.engine
-@needs_engine
 def test_both_checkpoints_hold_the_same_keys_with_both_tied_names(roundtrip):
     assert (roundtrip["config"], roundtrip["layers"], roundtrip["ranks"]) == (CONFIG, LAYERS, 2)
     keys = roundtrip["checkpoint_keys"]
@@ -71,7 +67,6 @@ def test_both_checkpoints_hold_the_same_keys_with_both_tied_names(roundtrip):
 
 @pytest.mark.slow
 @pytest.mark.engine
-@needs_engine
 def test_autoparallel_side_is_sharded_and_tied_before_any_load(roundtrip):
     for rank in roundtrip["autoparallel"]:
         assert rank["placements"] == ["(Shard(dim=0),)"], rank["placements"]
@@ -81,7 +76,6 @@ def test_autoparallel_side_is_sharded_and_tied_before_any_load(roundtrip):
 
 @pytest.mark.slow
 @pytest.mark.engine
-@needs_engine
 def test_eager_checkpoint_loads_into_the_autoparallel_model(roundtrip):
     for number, rank in enumerate(roundtrip["autoparallel"]):
         loaded = rank["load_eager"]
@@ -94,7 +88,6 @@ def test_eager_checkpoint_loads_into_the_autoparallel_model(roundtrip):
 
 @pytest.mark.slow
 @pytest.mark.engine
-@needs_engine
 def test_autoparallel_checkpoint_loads_into_the_eager_model(roundtrip):
     loaded = roundtrip["eager_load"]
     compare = loaded["compare"]

@@ -93,9 +93,9 @@ def test_memory_monitor_reports_peak_rss():
         assert monitor.get_peak_stats().max_reserved_gib < after - 0.2
 
 
+@pytest.mark.engine  # install_autoparallel_runtime imports AutoParallel
 def test_expand_of_a_sharded_singleton_dim_on_one_rank(one_rank_group):
     """Gap 2: DTensor's view rewrite raised KeyError for aten.expand on a 1-rank mesh."""
-    pytest.importorskip("autoparallel", reason="install_autoparallel_runtime imports it")
     cpu.install_autoparallel_runtime()
     mesh = init_device_mesh("cpu", (1,))
     x = distribute_tensor(torch.randn(4, 1, 8), mesh, [Shard(1)])
@@ -103,8 +103,8 @@ def test_expand_of_a_sharded_singleton_dim_on_one_rank(one_rank_group):
     torch.testing.assert_close(y.full_tensor(), x.full_tensor().expand(4, 3, 8))
 
 
+@pytest.mark.engine  # install_autoparallel_runtime imports AutoParallel
 def test_cpu_flash_attention_strategies_registered():
-    pytest.importorskip("autoparallel", reason="install_autoparallel_runtime imports it")
     from torch.distributed.tensor import DTensor
 
     cpu.install_autoparallel_runtime()
@@ -114,8 +114,8 @@ def test_cpu_flash_attention_strategies_registered():
     assert aten._scaled_dot_product_flash_attention_for_cpu_backward.default in strategies
 
 
+@pytest.mark.engine  # install_autoparallel_runtime imports AutoParallel
 def test_cost_model_device_limits_on_cpu():
-    pytest.importorskip("autoparallel", reason="install_autoparallel_runtime imports it")
     from autoparallel.cost_models import compute_estimation
 
     cpu.install_autoparallel_runtime()

@@ -3,6 +3,7 @@ schema, offline), and pointing at what this repository has and pins."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -173,3 +174,44 @@ def test_cpu_workflow_runs_the_readme_set_up_and_test_commands():
     # .ci/run runs the same two README commands.
     ci = (REPO_ROOT / ".ci" / "run").read_text()
     assert set_up[0] in ci and test[0] in ci
+
+
+def test_cpu_workflow_requires_the_engine_where_it_installs_it():
+    workflow = _load(WORKFLOWS / "cpu.yml")
+    (job,) = workflow["jobs"].values()
+    (test,) = [s for s in job["steps"] if s.get("run") == "python3 -m pytest"]
+    assert test["env"]["TORCHTITAN_EXT_REQUIRE_ENGINE"] == (
+        "${{ matrix.autoparallel == 'installed' && '1' || '0' }}"
+    )
+    ci = (REPO_ROOT / ".ci" / "run").read_text()
+    assert "export TORCHTITAN_EXT_REQUIRE_ENGINE=1" in ci and "find_spec('autoparallel')" in ci
+
+
+def _pytest_without_engine(tmp_path, *args: str, require: str) -> subprocess.CompletedProcess:
+    """Run one engine test with an 'autoparallel' package that fails to import (a broken
+    install), in a subprocess."""
+    shadow = tmp_path / "shadow" / "autoparallel"
+    shadow.mkdir(parents=True, exist_ok=True)
+    (shadow / "__init__.py").write_text("raise ImportError('broken autoparallel install')\n")
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{shadow.parent}{os.pathsep}{REPO_ROOT}",
+        "TORCHTITAN_EXT_REQUIRE_ENGINE": require,
+    }
+    test = "tests/test_cpu.py::test_cost_model_device_limits_on_cpu"
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rsf", test, *args],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_a_broken_engine_skips_where_optional_and_fails_where_required(tmp_path):
+    optional = _pytest_without_engine(tmp_path, require="0")
+    assert optional.returncode == 0, optional.stdout
+    assert "1 skipped" in optional.stdout
+    assert "Meta's AutoParallel is not installed" in optional.stdout
+    assert "broken autoparallel install" in optional.stdout  # the cause, with the fix
+
+    required = _pytest_without_engine(tmp_path, require="1")  # or --require-engine
+    assert required.returncode == 1, required.stdout
+    assert "1 failed" in required.stdout and "skipped" not in required.stdout

@@ -70,14 +70,6 @@ def engine_missing_reason() -> str | None:
     return None
 
 
-def engine_skip_mark():
-    """A pytest mark that skips, with the reason, when Meta's AutoParallel is missing."""
-    import pytest
-
-    reason = engine_missing_reason()
-    return pytest.mark.skipif(reason is not None, reason=reason or "")
-
-
 def accelerator_count() -> int:
     import torch
 
