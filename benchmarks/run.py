@@ -4,11 +4,17 @@ parallelization, in one command:
     python -m benchmarks.run                      # every variant, 3 interleaved rounds
     python -m benchmarks.run --rounds 1 --variants titan_fsdp,ap_fsdp --no-scaling
 
-Every variant trains the same model (torchtitan's llama3 debug model, tied embeddings),
-same data, shapes, dtype and seed, on --ngpu ranks (gloo on CPU). Rounds interleave the
-variants (rotating their order), so machine noise hits all of them; medians are taken
-within a run (steps) and across rounds. Writes <output>/latest.json, latest.md and
-latest.png (time breakdown) and prints the ratios against the baselines last.
+Every variant trains the same thing: torchtitan's llama3 debug model (tied embeddings), the
+same data, shapes and dtype, from one seed checkpoint made at the start, on --ngpu ranks
+(gloo on CPU), and the benchmark checks it: each run's per-step losses (full precision,
+from TensorBoard) must agree with the reference variant's within LOSS_ATOL over the timed
+steps, or the variant gets no ratio, with the reason. Rounds interleave the variants
+(rotating their order), so machine noise hits all of them; medians are taken within a run
+(steps) and across rounds. A round that failed or timed fewer steps is reported (rounds
+used / run) and not used; a variant with fewer used rounds than asked gets no ratio. Each
+AutoParallel variant is compared with the fastest of its baselines' eager and compiled
+forms. Writes <output>/latest.json, latest.md and latest.png (time breakdown; with the
+bench extra's matplotlib) and prints the ratios last.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -34,14 +41,23 @@ _TIME = re.compile(r"\[titan\] (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
 _STEP = re.compile(r"^\[rank(\d+)\]:.*step:\s*(\d+)\s+loss:.*memory:\s*([\d.]+)GiB")
 
 
+LOSS_ATOL = 1e-5
+"""Largest per-step loss difference from the reference variant for the same training."""
+REFERENCE = "titan_fsdp"
+"""The variant every other's losses are compared with."""
+SEED = "42"
+TB_LOSS_TAG = "loss_metrics/global_avg_loss"
+
+
 @dataclass(frozen=True)
 class Variant:
     key: str
     label: str
     config: str
     args: tuple[str, ...] = ()
-    baseline: str = ""
-    """Key of the variant this one is compared to."""
+    baselines: tuple[str, ...] = ()
+    """Keys of the variants this one is compared to: the fastest of them that trains the
+    same (losses agree) and ran every round."""
     autoparallel: bool = False
 
 
@@ -51,6 +67,8 @@ _REPLICATE = (
     "--parallelism.data_parallel_shard_degree", "1",
 )  # fmt: skip
 _TITAN = ("--parallelize", "torchtitan")
+_FSDP = ("titan_fsdp", "titan_fsdp_compiled")
+_DDP = ("torch_ddp", "torch_ddp_compiled")
 VARIANTS = [
     Variant("titan_fsdp", "torchtitan FSDP", "llama3_debugmodel_bench", _TITAN),
     Variant(
@@ -61,19 +79,19 @@ VARIANTS = [
     Variant("torch_ddp_compiled", "torch DDP compiled", "llama3_debugmodel_ddp_bench", _COMPILE),
     Variant(
         "ap_fsdp", "AutoParallel FSDP-like", "llama3_debugmodel_bench",
-        baseline="titan_fsdp", autoparallel=True,
+        baselines=_FSDP, autoparallel=True,
     ),
     Variant(
         "ap_fsdp_compiled", "AutoParallel FSDP-like compiled", "llama3_debugmodel_bench",
-        _COMPILE, baseline="titan_fsdp", autoparallel=True,
+        _COMPILE, baselines=_FSDP, autoparallel=True,
     ),
     Variant(
         "ap_ddp", "AutoParallel DDP-like", "llama3_debugmodel_bench", _REPLICATE,
-        baseline="torch_ddp", autoparallel=True,
+        baselines=_DDP, autoparallel=True,
     ),
     Variant(
         "ap_ddp_compiled", "AutoParallel DDP-like compiled", "llama3_debugmodel_bench",
-        _REPLICATE + _COMPILE, baseline="torch_ddp", autoparallel=True,
+        _REPLICATE + _COMPILE, baselines=_DDP, autoparallel=True,
     ),
 ]  # fmt: skip
 BY_KEY = {v.key: v for v in VARIANTS}
@@ -93,6 +111,8 @@ class RunResult:
     startup: dict = field(default_factory=dict)
     """AutoParallel runs: the component's start-up phases (startup.json)."""
     plan: dict = field(default_factory=dict)
+    losses: dict[int, float] = field(default_factory=dict)
+    """step -> loss of the timed steps, full precision (TensorBoard)."""
     log_tail: str = ""
 
     @property
@@ -107,6 +127,54 @@ def _timestamp(line: str) -> float | None:
     return datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
+def _env(ngpu: int, dump: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO_ROOT),
+        "LOG_RANK": ",".join(str(r) for r in range(ngpu)),
+        # Cold compile caches unless a warm start reuses this dump folder on purpose.
+        "TORCHINDUCTOR_CACHE_DIR": str(dump / "autoparallel" / "compile_cache"),
+    }
+
+
+def make_seed_checkpoint(work: Path) -> Path:
+    """torchtitan's seed checkpoint of the benchmark model (1 rank, seed SEED): every run
+    starts from it. Initializing instead would not train the same thing: a sharded init
+    draws other random numbers than a replicated one."""
+    dump = work / "seed"
+    shutil.rmtree(dump, ignore_errors=True)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
+        "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0",
+        "-m", "torchtitan_ext.train", "--module", "benchmarks.config_registry",
+        "--config", "llama3_debugmodel_bench", f"--dump_folder={dump}",
+        "--parallelize", "torchtitan", "--checkpoint.enable",
+        "--checkpoint.create_seed_checkpoint", "--debug.seed", SEED,
+    ]  # fmt: skip
+    proc = subprocess.run(
+        cmd, cwd=REPO_ROOT, env=_env(1, dump), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    checkpoint = dump / "checkpoint"
+    if proc.returncode != 0 or not (checkpoint / "step-0" / ".metadata").is_file():
+        raise RuntimeError(f"seed checkpoint failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
+    return checkpoint
+
+
+def tensorboard_losses(dump: Path) -> dict[int, float]:
+    """step -> loss of the newest TensorBoard run under <dump>/tb."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = (
+        sorted(p for p in (dump / "tb").iterdir() if p.is_dir()) if (dump / "tb").is_dir() else []
+    )
+    if not runs:
+        return {}
+    events = EventAccumulator(str(runs[-1]))
+    events.Reload()
+    return {s.step: s.value for s in events.Scalars(TB_LOSS_TAG)}
+
+
 def run_variant(
     variant: Variant,
     *,
@@ -115,25 +183,24 @@ def run_variant(
     warmup: int,
     steps: int,
     dump: Path,
+    seed_checkpoint: Path,
     extra: tuple[str, ...] = (),
 ) -> RunResult:
-    """Train ``variant`` for warmup + steps timed steps + 1 profiled step."""
+    """Train ``variant`` from the seed checkpoint for warmup + steps timed steps + 1 step
+    whose collectives are counted."""
     total = warmup + steps + 1
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO_ROOT),
-        "LOG_RANK": ",".join(str(r) for r in range(ngpu)),
-        # Cold compile caches unless a warm start reuses this dump folder on purpose.
-        "TORCHINDUCTOR_CACHE_DIR": str(dump / "autoparallel" / "compile_cache"),
-    }
+    shutil.copytree(seed_checkpoint, dump / "checkpoint", dirs_exist_ok=True)
+    env = _env(ngpu, dump)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ngpu}",
         "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0",
         "--local-ranks-filter", env["LOG_RANK"], "--role", "rank", "--tee", "3",
         "-m", "torchtitan_ext.train", "--module", "benchmarks.config_registry",
         "--config", variant.config, f"--dump_folder={dump}",
-        "--training.steps", str(total), "--profile_step", str(total),
-        "--debug.seed", "42", "--metrics.disable_color_printing",
+        "--training.steps", str(total), "--collectives_step", str(total),
+        "--debug.seed", SEED, "--metrics.disable_color_printing",
+        "--checkpoint.enable", "--checkpoint.load_only",
+        "--metrics.enable_tensorboard", "--metrics.save_tb_folder", "tb",
         "--autoparallel.compile_cache_dir", "autoparallel/compile_cache",
         *variant.args, *extra,
     ]  # fmt: skip
@@ -169,6 +236,9 @@ def run_variant(
         data = json.loads(collectives.read_text())
         result.collectives = data["counts"]
         result.collective_payload_bytes = sum(data["payload_bytes"].values())
+    timed = range(warmup + 1, warmup + steps + 1)
+    losses = tensorboard_losses(dump) if proc.returncode == 0 else {}
+    result.losses = {step: loss for step, loss in losses.items() if step in timed}
     for name, attr in (("startup.json", "startup"), ("plan.json", "plan")):
         path = dump / "autoparallel" / name
         if variant.autoparallel and path.exists():
@@ -181,42 +251,132 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def summarize(results: list[RunResult], *, tokens_per_step: int) -> dict[str, dict]:
-    """Per variant: medians across rounds."""
+def summarize(
+    results: list[RunResult], *, tokens_per_step: int, rounds: int, steps: int
+) -> dict[str, dict]:
+    """Per variant: medians across the rounds used (exit 0 and all ``steps`` timed), what
+    happened to the others, and how its losses compare with the reference variant's."""
     summary: dict[str, dict] = {}
     for variant in VARIANTS:
-        runs = [r for r in results if r.variant == variant.key and r.returncode == 0]
-        failed = [r for r in results if r.variant == variant.key and r.returncode != 0]
-        if not runs:
-            if failed:
-                summary[variant.key] = {"label": variant.label, "failed": failed[0].log_tail}
+        mine = [r for r in results if r.variant == variant.key]
+        if not mine:
             continue
-        step = _median([r.median_step_s for r in runs])
-        last = runs[-1]
+        used = [r for r in mine if r.returncode == 0 and len(r.step_s) == steps]
         entry = {
             "label": variant.label,
-            "rounds": len(runs),
+            "rounds_asked": rounds,
+            "rounds_run": len(mine),
+            "rounds_used": len(used),
+            "steps_timed_by_round": [len(r.step_s) for r in mine],
+            "unused_rounds": [
+                {
+                    "round": r.round,
+                    "returncode": r.returncode,
+                    "steps_timed": len(r.step_s),
+                    "log_tail": r.log_tail[-1500:],
+                }
+                for r in mine
+                if r not in used
+            ],
+        }
+        summary[variant.key] = entry
+        if not used:
+            continue
+        step = _median([r.median_step_s for r in used])
+        last = used[-1]
+        entry |= {
             "step_s": step,
-            "step_s_by_round": [r.median_step_s for r in runs],
+            "step_s_by_round": [r.median_step_s for r in used],
             "tokens_per_s": tokens_per_step / step,
-            "start_to_first_step_s": _median([r.start_to_first_step_s for r in runs]),
-            "peak_rss_gib_max_rank": _median([max(r.peak_rss_gib.values()) for r in runs]),
+            "start_to_first_step_s": _median([r.start_to_first_step_s for r in used]),
+            "peak_rss_gib_max_rank": _median([max(r.peak_rss_gib.values()) for r in used]),
             "state_bytes_rank0": last.state_bytes.get(0, {}),
             "collectives_per_step": last.collectives,
             "collective_payload_mib_per_step": last.collective_payload_bytes / 2**20,
+            "losses": last.losses,
         }
         if variant.autoparallel and last.startup:
             phases = {
-                k: _median([r.startup["seconds"][k] for r in runs]) for k in last.startup["seconds"]
+                k: _median([r.startup["seconds"][k] for r in used]) for k in last.startup["seconds"]
             }
             entry["startup_phases_s"] = phases
             entry["alias_extra_bytes"] = last.startup["alias_extra_bytes"]
             entry["unique_storage_bytes_rank0"] = last.startup["unique_storage_bytes"]
-        summary[variant.key] = entry
+    reference = [r for r in results if r.variant == REFERENCE and r.losses]
+    for key, entry in summary.items():
+        entry["losses_vs_reference"] = _loss_agreement(
+            [r for r in results if r.variant == key], reference, steps=steps
+        )
     return summary
 
 
-def warm_starts(*, ngpu: int, dump_root: Path, keys: list[str]) -> dict[str, dict]:
+def _loss_agreement(runs: list[RunResult], reference: list[RunResult], *, steps: int) -> dict:
+    """Whether every run's timed-step losses equal the reference runs' within LOSS_ATOL."""
+    if not reference:
+        return {"agree": False, "why": f"no losses from the reference variant {REFERENCE}"}
+    want = reference[0].losses
+    if len(want) != steps:
+        return {"agree": False, "why": f"the reference logged {len(want)} of {steps} losses"}
+    worst = 0.0
+    for run in runs:
+        if run.returncode != 0:
+            continue
+        if sorted(run.losses) != sorted(want):
+            return {
+                "agree": False,
+                "why": f"round {run.round + 1} logged steps {sorted(run.losses)}",
+            }
+        worst = max(worst, *(abs(run.losses[s] - want[s]) for s in want))
+    if worst > LOSS_ATOL or worst != worst:
+        return {
+            "agree": False,
+            "max_abs_diff": worst,
+            "why": f"losses differ from {BY_KEY[REFERENCE].label}'s by up to {worst:.3g} "
+            f"(> {LOSS_ATOL:g}): it trains something else",
+        }
+    return {"agree": True, "max_abs_diff": worst}
+
+
+def ratios(summary: dict[str, dict]) -> dict[str, dict]:
+    """Each AutoParallel variant's step time over the fastest of its baselines that ran
+    every round and trains the same; or why it gets no ratio."""
+    out: dict[str, dict] = {}
+    for variant in VARIANTS:
+        e = summary.get(variant.key)
+        if not variant.baselines or e is None:
+            continue
+        why = _not_comparable(e)
+        candidates = [
+            (summary[b]["step_s"], b)
+            for b in variant.baselines
+            if b in summary and not _not_comparable(summary[b])
+        ]
+        if not why and not candidates:
+            why = f"no baseline of {list(variant.baselines)} ran every round and trains the same"
+        if why:
+            out[variant.key] = {"baseline": None, "step_s_ratio": None, "why": why}
+            continue
+        best_step, best = min(candidates)
+        out[variant.key] = {
+            "baseline": best,
+            "step_s_ratio": e["step_s"] / best_step,
+            "peak_rss_ratio": e["peak_rss_gib_max_rank"] / summary[best]["peak_rss_gib_max_rank"],
+        }
+    return out
+
+
+def _not_comparable(entry: dict) -> str:
+    """Why a variant's figures cannot enter a ratio, or empty."""
+    if entry["rounds_used"] < entry["rounds_asked"]:
+        return f"{entry['rounds_used']} of {entry['rounds_asked']} rounds used"
+    if not entry["losses_vs_reference"]["agree"]:
+        return entry["losses_vs_reference"]["why"]
+    return ""
+
+
+def warm_starts(
+    *, ngpu: int, dump_root: Path, keys: list[str], seed_checkpoint: Path
+) -> dict[str, dict]:
     """Start-to-first-step of a cold start and of a second start reusing the first one's
     placement file and compile caches (same dump folder)."""
     starts = {}
@@ -227,8 +387,9 @@ def warm_starts(*, ngpu: int, dump_root: Path, keys: list[str]) -> dict[str, dic
         times, phases = [], []
         for attempt in range(2):
             result = run_variant(
-                variant, round_index=attempt, ngpu=ngpu, warmup=1, steps=1, dump=dump, extra=extra
-            )
+                variant, round_index=attempt, ngpu=ngpu, warmup=1, steps=1, dump=dump,
+                seed_checkpoint=seed_checkpoint, extra=extra,
+            )  # fmt: skip
             times.append(result.start_to_first_step_s if result.returncode == 0 else float("nan"))
             phases.append(result.startup.get("seconds", {}))
         starts[key] = {
@@ -250,26 +411,47 @@ def _markdown(report: dict) -> str:
         f"({report['backend']}), {report['rounds']} interleaved rounds of "
         f"{report['warmup']} warm-up + {report['steps']} timed steps; medians.",
         "",
-        "| variant | s/step | tokens/s | vs baseline | start to step 1 (s) | peak RSS/rank (GiB) "
+        f"Losses of every run are compared with {BY_KEY[REFERENCE].label}'s over the timed "
+        f"steps (within {LOSS_ATOL:g}); each ratio is against the fastest baseline that "
+        "trains the same and ran every round.",
+        "",
+        "| variant | s/step | tokens/s | rounds used / run | losses vs reference "
+        "| vs best baseline | start to step 1 (s) | peak RSS/rank (GiB) "
         "| params+grads+optimizer/rank (MiB) | collectives/step |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for variant in VARIANTS:
         e = s.get(variant.key)
         if e is None:
             continue
-        if "failed" in e:
-            lines.append(f"| {variant.label} | failed | | | | | | |")
+        rounds = f"{e['rounds_used']} / {e['rounds_run']}"
+        agreement = e["losses_vs_reference"]
+        losses = f"agree (max {agreement['max_abs_diff']:.1g})" if agreement["agree"] else "differ"
+        if "step_s" not in e:
+            lines.append(f"| {variant.label} | failed | | {rounds} | | | | | | |")
             continue
-        base = s.get(variant.baseline, {})
-        ratio = f"{e['step_s'] / base['step_s']:.2f}x {base['label']}" if "step_s" in base else ""
+        r = report.get("ratios", {}).get(variant.key)
+        if r is None:
+            ratio = ""
+        elif r["baseline"] is None:
+            ratio = f"no ratio: {r['why']}"
+        else:
+            ratio = f"{r['step_s_ratio']:.2f}x {s[r['baseline']]['label']}"
         state = sum(e["state_bytes_rank0"].values()) / 2**20 if e["state_bytes_rank0"] else 0
         coll = ", ".join(f"{n} {k}" for k, n in sorted(e["collectives_per_step"].items()))
         lines.append(
-            f"| {variant.label} | {e['step_s']:.3f} | {e['tokens_per_s']:,.0f} | {ratio} "
-            f"| {e['start_to_first_step_s']:.1f} | {e['peak_rss_gib_max_rank']:.2f} "
-            f"| {state:.1f} | {coll} |"
+            f"| {variant.label} | {e['step_s']:.3f} | {e['tokens_per_s']:,.0f} | {rounds} "
+            f"| {losses} | {ratio} | {e['start_to_first_step_s']:.1f} "
+            f"| {e['peak_rss_gib_max_rank']:.2f} | {state:.1f} | {coll} |"
         )
+    unused = [(v, u) for v in VARIANTS for u in s.get(v.key, {}).get("unused_rounds", [])]
+    if unused:
+        lines += ["", "Rounds not used:", ""]
+        lines += [
+            f"- {v.label}, round {u['round'] + 1}: exit {u['returncode']}, "
+            f"{u['steps_timed']} steps timed"
+            for v, u in unused
+        ]
     phases = [(v, s[v.key]) for v in VARIANTS if "startup_phases_s" in s.get(v.key, {})]
     if phases:
         lines += ["", "AutoParallel start-up phases (s, rank 0):", ""]
@@ -309,8 +491,12 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _chart(report: dict, path: Path) -> None:
-    import matplotlib
+def _chart(report: dict, path: Path) -> str:
+    """Draw the time-breakdown chart; returns what was written, or how to get it."""
+    try:
+        import matplotlib
+    except ImportError:
+        return f"no chart: matplotlib is not installed (pip install -e '.[bench]' draws {path})"
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -338,6 +524,8 @@ def _chart(report: dict, path: Path) -> None:
     fig.suptitle(f"{report['machine']}, {report['ngpu']} ranks, {report['date']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"chart: {path}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -366,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     results: list[RunResult] = []
+    seed_checkpoint = make_seed_checkpoint(args.work) if keys and args.rounds else None
     for round_index in range(args.rounds):
         order = keys[round_index % len(keys) :] + keys[: round_index % len(keys)]
         for key in order:
@@ -374,6 +563,7 @@ def main(argv: list[str] | None = None) -> int:
             result = run_variant(
                 BY_KEY[key], round_index=round_index, ngpu=args.ngpu,
                 warmup=args.warmup, steps=args.steps, dump=dump,
+                seed_checkpoint=seed_checkpoint,
             )  # fmt: skip
             results.append(result)
             status = "ok" if result.returncode == 0 else f"FAILED ({result.returncode})"
@@ -397,12 +587,17 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "warmup": args.warmup,
         "steps": args.steps,
-        "summary": summarize(results, tokens_per_step=tokens_per_step),
+        "summary": summarize(
+            results, tokens_per_step=tokens_per_step, rounds=args.rounds, steps=args.steps
+        ),
         "runs": [asdict(r) | {"log_tail": r.log_tail[-500:]} for r in results],
     }
-    if not args.no_warm:
+    report["ratios"] = ratios(report["summary"])
+    if not args.no_warm and seed_checkpoint is not None:
         warm_keys = [k for k in ("titan_fsdp_compiled", "ap_fsdp", "ap_fsdp_compiled") if k in keys]
-        report["warm_starts"] = warm_starts(ngpu=args.ngpu, dump_root=args.work, keys=warm_keys)
+        report["warm_starts"] = warm_starts(
+            ngpu=args.ngpu, dump_root=args.work, keys=warm_keys, seed_checkpoint=seed_checkpoint
+        )
     if not args.no_scaling and any(BY_KEY[k].autoparallel for k in keys):
         from benchmarks.scaling import scaling_table
 
@@ -411,16 +606,19 @@ def main(argv: list[str] | None = None) -> int:
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "latest.json").write_text(json.dumps(report, indent=2, default=str))
     (args.output / "latest.md").write_text(_markdown(report))
-    _chart(report, args.output / "latest.png")
+    chart = _chart(report, args.output / "latest.png")
     print(_markdown(report))
-    print("Ratios (ours / baseline), lower is better:")
-    for key in keys:
-        e, variant = report["summary"].get(key, {}), BY_KEY[key]
-        base = report["summary"].get(variant.baseline, {})
-        if "step_s" in e and "step_s" in base:
-            step = e["step_s"] / base["step_s"]
-            rss = e["peak_rss_gib_max_rank"] / base["peak_rss_gib_max_rank"]
-            print(f"  {variant.label} / {base['label']}: step time {step:.2f}, peak RSS {rss:.2f}")
+    print(chart)
+    print("Ratios (ours / the fastest baseline that trains the same), lower is better:")
+    for key, r in report["ratios"].items():
+        label = BY_KEY[key].label
+        if r["baseline"] is None:
+            print(f"  {label}: no ratio ({r['why']})")
+        else:
+            print(
+                f"  {label} / {BY_KEY[r['baseline']].label}: step time "
+                f"{r['step_s_ratio']:.2f}, peak RSS {r['peak_rss_ratio']:.2f}"
+            )
     return 0 if all(r.returncode == 0 for r in results) else 1
 
 

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from benchmarks import run as bench
 from tests._training import REPO_ROOT
 
@@ -22,7 +24,12 @@ PHASES = {
 }
 
 
+STEPS = 3
+LOSSES = {4: 7.5, 5: 7.25, 6: 7.0}  # the timed steps after 3 warm-up steps
+
+
 def _result(key: str, round_index: int, step_s: list[float], **kwargs) -> bench.RunResult:
+    kwargs.setdefault("losses", dict(LOSSES))
     return bench.RunResult(
         key,
         round_index,
@@ -36,37 +43,48 @@ def _result(key: str, round_index: int, step_s: list[float], **kwargs) -> bench.
     )
 
 
-def test_summary_takes_medians_across_rounds_and_compares_to_the_baseline():
+def _report(results: list[bench.RunResult], rounds: int) -> dict:
+    summary = bench.summarize(results, tokens_per_step=4096, rounds=rounds, steps=STEPS)
+    return {
+        "date": "2026-11-25 12:00", "machine": "x86_64 2 cores", "backend": "gloo", "ngpu": 2,
+        "rounds": rounds, "warmup": 3, "steps": STEPS, "summary": summary,
+        "ratios": bench.ratios(summary),
+    }  # fmt: skip
+
+
+def test_summary_takes_medians_across_rounds_and_compares_to_the_best_baseline():
     startup = {"seconds": PHASES, "alias_extra_bytes": 0, "unique_storage_bytes": 123}
     results = [
         _result("titan_fsdp", 0, [2.0, 2.0, 9.0]),
         _result("titan_fsdp", 1, [2.2, 2.2, 2.2]),
-        _result("titan_fsdp", 2, [1.8, 1.8]),
-        _result("ap_fsdp_compiled", 0, [1.0, 1.0], startup=startup),
+        _result("titan_fsdp", 2, [1.8, 1.8, 1.8]),
+        # The compiled baseline is faster: the ratio is against it, named.
+        *(_result("titan_fsdp_compiled", r, [1.5, 1.5, 1.5]) for r in range(3)),
+        _result("ap_fsdp_compiled", 0, [1.0, 1.0, 1.0], startup=startup),
         _result("ap_fsdp_compiled", 1, [1.1, 50.0, 1.1], startup=startup),
-        bench.RunResult("ap_ddp", 0, returncode=1, log_tail="Traceback: boom"),
+        _result("ap_fsdp_compiled", 2, [1.05, 1.05, 1.05], startup=startup),
     ]
-    summary = bench.summarize(results, tokens_per_step=4096)
+    report = _report(results, rounds=3)
+    summary = report["summary"]
     assert summary["titan_fsdp"]["step_s"] == 2.0  # median of round medians 2.0, 2.2, 1.8
     assert summary["titan_fsdp"]["tokens_per_s"] == 2048
     assert summary["ap_fsdp_compiled"]["step_s"] == 1.05
     assert summary["ap_fsdp_compiled"]["peak_rss_gib_max_rank"] == 1.2
-    assert summary["ap_ddp"] == {"label": "AutoParallel DDP-like", "failed": "Traceback: boom"}
+    assert summary["ap_fsdp_compiled"]["losses_vs_reference"] == {"agree": True, "max_abs_diff": 0}
+    ratio = report["ratios"]["ap_fsdp_compiled"]
+    assert ratio["baseline"] == "titan_fsdp_compiled" and ratio["peak_rss_ratio"] == 1.0
+    assert ratio["step_s_ratio"] == pytest.approx(0.7)
     assert "torch_ddp" not in summary  # not run
 
-    report = {
-        "date": "2026-11-25 12:00", "machine": "x86_64 2 cores", "backend": "gloo", "ngpu": 2,
-        "rounds": 3, "warmup": 3, "steps": 12, "summary": summary,
-        "warm_starts": {
-            "ap_fsdp_compiled": {
-                "label": "AutoParallel FSDP-like compiled", "cold_s": 200.0, "warm_s": 100.0,
-                "cold_phases_s": PHASES, "warm_phases_s": PHASES | {"solve": 0.0},
-            }
-        },
+    report["warm_starts"] = {
+        "ap_fsdp_compiled": {
+            "label": "AutoParallel FSDP-like compiled", "cold_s": 200.0, "warm_s": 100.0,
+            "cold_phases_s": PHASES, "warm_phases_s": PHASES | {"solve": 0.0},
+        }
     }  # fmt: skip
     table = bench._markdown(report)
-    assert "| AutoParallel FSDP-like compiled | 1.050 | 3,901 | 0.53x torchtitan FSDP |" in table
-    assert "| AutoParallel DDP-like | failed |" in table
+    row = "| AutoParallel FSDP-like compiled | 1.050 | 3,901 | 3 / 3 | agree (max 0) "
+    assert row + "| 0.70x torchtitan FSDP + per-block compile |" in table
     assert "| 4.0 | 5 all_gather, 3 reduce_scatter |" in table  # state MiB, collectives
     # Alias share of trace + solve + apply: 0.02 / 10.
     assert "| 0.20% | 0 |" in table
@@ -74,10 +92,63 @@ def test_summary_takes_medians_across_rounds_and_compares_to_the_baseline():
     assert "| 200.0 | 100.0 | 8.0 / 0.0 / 1.0 / 0.5 | 90.5 |" in table
 
 
+def test_a_variant_that_trains_something_else_gets_no_ratio_and_is_no_baseline():
+    other = {4: 7.5, 5: 7.26, 6: 7.01}  # e.g. gradients averaged where they must be summed
+    results = [
+        _result("titan_fsdp", 0, [2.0] * STEPS),
+        _result("torch_ddp", 0, [1.0] * STEPS, losses=other),  # faster, but not the same
+        _result("torch_ddp_compiled", 0, [1.6] * STEPS),
+        _result("ap_ddp", 0, [1.5] * STEPS),
+        _result("ap_fsdp", 0, [1.5] * STEPS, losses=other),
+    ]
+    report = _report(results, rounds=1)
+    assert report["ratios"]["ap_ddp"]["baseline"] == "torch_ddp_compiled"
+    assert report["ratios"]["ap_ddp"]["step_s_ratio"] == 1.5 / 1.6
+    no_ratio = report["ratios"]["ap_fsdp"]
+    assert no_ratio["baseline"] is None and no_ratio["step_s_ratio"] is None
+    assert "losses differ from torchtitan FSDP's by up to 0.01" in no_ratio["why"]
+    assert "it trains something else" in no_ratio["why"]
+    table = bench._markdown(report)
+    assert "| torch DDP | 1.000 | 4,096 | 1 / 1 | differ |" in table
+    assert "| AutoParallel FSDP-like | 1.500 | 2,731 | 1 / 1 | differ | no ratio: losses" in table
+
+
+def test_failed_and_partial_rounds_are_reported_and_cost_the_ratio():
+    results = [
+        *(_result("titan_fsdp", r, [2.0] * STEPS) for r in range(2)),
+        _result("ap_fsdp", 0, [1.5] * STEPS),
+        _result("ap_fsdp", 1, [1.5], losses={4: 7.5}),  # killed after one timed step
+        bench.RunResult("ap_ddp", 0, returncode=1, log_tail="Traceback: boom"),
+        bench.RunResult("ap_ddp", 1, returncode=1, log_tail="Traceback: boom"),
+    ]
+    report = _report(results, rounds=2)
+    summary = report["summary"]
+    partial = summary["ap_fsdp"]
+    assert (partial["rounds_run"], partial["rounds_used"]) == (2, 1)
+    assert partial["steps_timed_by_round"] == [3, 1]
+    assert partial["unused_rounds"][0] | {"log_tail": ""} == {
+        "round": 1, "returncode": 0, "steps_timed": 1, "log_tail": "",
+    }  # fmt: skip
+    assert report["ratios"]["ap_fsdp"]["why"] == "1 of 2 rounds used"
+    failed = summary["ap_ddp"]
+    assert failed["rounds_used"] == 0 and "step_s" not in failed
+    assert failed["unused_rounds"][1]["log_tail"] == "Traceback: boom"
+    assert report["ratios"]["ap_ddp"]["why"] == "0 of 2 rounds used"
+    table = bench._markdown(report)
+    assert "| AutoParallel FSDP-like | 1.500 | 2,731 | 1 / 2 | " in table
+    assert "no ratio: 1 of 2 rounds used" in table
+    assert "| AutoParallel DDP-like | failed | | 0 / 2 |" in table
+    assert "- AutoParallel FSDP-like, round 2: exit 0, 1 steps timed" in table
+    assert "- AutoParallel DDP-like, round 1: exit 1, 0 steps timed" in table
+
+
 def test_without_autoparallel_the_autoparallel_half_skips_with_a_line(tmp_path):
-    shadow = tmp_path / "shadow" / "autoparallel"
-    shadow.mkdir(parents=True)
-    (shadow / "__init__.py").write_text("raise ImportError('No module named autoparallel')\n")
+    """Also without matplotlib (only the bench extra has it): JSON and table, one line on
+    how to get the chart, no traceback."""
+    for name in ("autoparallel", "matplotlib"):
+        shadow = tmp_path / "shadow" / name
+        shadow.mkdir(parents=True)
+        (shadow / "__init__.py").write_text(f"raise ImportError('No module named {name}')\n")
     env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'shadow'}{os.pathsep}{REPO_ROOT}"}
     proc = subprocess.run(
         [
@@ -91,4 +162,7 @@ def test_without_autoparallel_the_autoparallel_half_skips_with_a_line(tmp_path):
     assert "AutoParallel is not installed: skipping ['ap_fsdp', 'ap_ddp_compiled']" in proc.stdout
     report = json.loads((tmp_path / "out" / "latest.json").read_text())
     assert report["summary"] == {} and "scaling" not in report
-    assert (tmp_path / "out" / "latest.md").exists() and (tmp_path / "out" / "latest.png").exists()
+    assert (tmp_path / "out" / "latest.md").exists()
+    assert not (tmp_path / "out" / "latest.png").exists()
+    assert "no chart: matplotlib is not installed (pip install -e '.[bench]'" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
