@@ -1,32 +1,39 @@
-"""Loss parity with eager: the same model, weights, seed and data trained (a) eagerly on one
+"""Parity with eager: the same model, weights, seed and data trained (a) eagerly on one
 rank (the same config through torchtitan's own parallelize, ``--parallelize torchtitan``)
 and (b) through AliasAwareAutoParallel on 2 ranks, both from one seed checkpoint,
-deterministic, float32 on CPU, 20 steps of 8 x 128 tokens.
+deterministic, float32 on CPU, 20 steps of 8 x 128 tokens, gradient clipping off.
 
 The dataloader makes a 1-rank run with local batch 8 and a 2-rank run with local batch 4
-see the same global batches (GlobalBatchTextDataLoader), so the losses and gradients may
-differ only by floating-point reduction order. Losses are read at full precision from
-TensorBoard (``loss_metrics/global_avg_loss``, as torchtitan's scripts/loss_compare.py
-does); step-1 gradients from ``--grad_dump_step 1``.
+see the same global batches (GlobalBatchTextDataLoader), so the runs may differ only by
+floating-point reduction order. Compared (``parity_problems``): the loss and the gradient
+norm of every step, read at full precision from TensorBoard (as torchtitan's
+scripts/loss_compare.py reads losses), and every step-1 gradient as the backward left it,
+before clipping, under every name (alias names included; ``--grad_dump_step 1``).
+
+Clipping is off (``--training.max_norm 1e9``: the clip coefficient clamps to 1) and the
+gradients are read before it, because clipping at 1.0 would hide a uniform gradient
+scaling fault whenever the norm exceeds 1, and AdamW then hides it from the losses. The
+last tests inject such faults into the AutoParallel run (tests/faults/sitecustomize.py)
+and require the same checks to fail.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests._training import run_train
-from tests.integration.run_tests import engine_skip_mark
+from tests._training import REPO_ROOT, run_train
 
-needs_engine = engine_skip_mark()
-
-pytestmark = [pytest.mark.slow, pytest.mark.engine, needs_engine]
+pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
 # variant -> (config, extra flags of the AutoParallel run). The shared-RoPE run is compiled
 # (autoparallel_backend, bucketing on), so it also checks compiled numerics against eager.
@@ -39,18 +46,34 @@ STEPS = 20
 SEQ_LEN = 128
 RTOL, ATOL = 1e-4, 1e-5
 SEED = "42"
-TB_LOSS_TAG = "loss_metrics/global_avg_loss"
+NO_CLIPPING = ("--training.max_norm", "1e9")
+TB_TAGS = {"loss": "loss_metrics/global_avg_loss", "grad_norm": "grad_norm"}
+# The step whose collectives the runs count while it runs (not step 1, which compiles).
+COUNTED_STEP = 2
 
 
-def tensorboard_losses(dump_folder: Path) -> dict[int, float]:
-    """step -> loss, as logged to TensorBoard under <dump_folder>/tb/<timestamp>/."""
+@dataclass
+class Trained:
+    log: str
+    seconds: float
+    losses: dict[int, float]
+    grad_norms: dict[int, float]
+    """step -> value, full precision, from TensorBoard."""
+    grads: dict[str, torch.Tensor | None]
+    """FQN (every name, aliases included) -> full step-1 gradient before clipping."""
+    collectives: dict[str, int]
+    """Collectives of step COUNTED_STEP on rank 0, counted while it ran."""
+
+
+def tensorboard_scalars(dump_folder: Path) -> dict[str, dict[int, float]]:
+    """TB_TAGS' name -> step -> value, as logged to TensorBoard under <dump>/tb/<time>/."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     runs = [p for p in (dump_folder / "tb").iterdir() if p.is_dir()]
     assert len(runs) == 1, f"expected one TensorBoard run under {dump_folder / 'tb'}: {runs}"
     events = EventAccumulator(str(runs[0]))
     events.Reload()
-    return {s.step: s.value for s in events.Scalars(TB_LOSS_TAG)}
+    return {name: {s.step: s.value for s in events.Scalars(tag)} for name, tag in TB_TAGS.items()}
 
 
 @pytest.fixture(scope="module")
@@ -71,36 +94,97 @@ def seed_checkpoint(tmp_path_factory) -> Path:
     return dump / "checkpoint"
 
 
-def _train(config: str, seed_checkpoint: Path, dump: Path, *args: str, ngpu: int):
+def _train(
+    config: str,
+    seed_checkpoint: Path,
+    dump: Path,
+    *args: str,
+    ngpu: int,
+    steps: int = STEPS,
+    env: dict[str, str] | None = None,
+) -> Trained:
     shutil.copytree(seed_checkpoint, dump / "checkpoint")
     start = time.perf_counter()
     run = run_train(
         config,
-        "--training.steps", str(STEPS),
+        "--training.steps", str(steps),
         "--training.seq_len", str(SEQ_LEN),
+        *NO_CLIPPING,
         "--checkpoint.enable", "--checkpoint.load_only",
         "--debug.seed", SEED, "--debug.deterministic",
         "--metrics.enable_tensorboard", "--metrics.save_tb_folder", "tb",
         "--grad_dump_step", "1",
+        "--collectives_step", str(COUNTED_STEP),
         *args,
         ngpu=ngpu,
         dump_folder=dump,
+        env=env,
     ).check()  # fmt: skip
     assert f"Loading the checkpoint from {dump}/checkpoint/step-0." in run.log
-    run.seconds = time.perf_counter() - start
-    grads = torch.load(dump / "grads" / "step-1.pt")
-    return run, tensorboard_losses(dump), grads
+    seconds = time.perf_counter() - start
+    scalars = tensorboard_scalars(dump)
+    collectives = (dump / "collectives" / "rank0.json").read_text()
+    return Trained(
+        log=run.log,
+        seconds=seconds,
+        losses=scalars["loss"],
+        grad_norms=scalars["grad_norm"],
+        grads=torch.load(dump / "grads" / "step-1.pt"),
+        collectives=json.loads(collectives)["counts"],
+    )
 
 
-_PARITY: dict[str, dict] = {}
+def _close(got: float, want: float) -> bool:
+    return math.isfinite(got) and abs(got - want) <= ATOL + RTOL * abs(want)
 
 
-def _parity(variant: str, seed_checkpoint: Path, root: Path) -> dict:
+def parity_problems(eager: Trained, ap: Trained) -> dict[str, list[str]]:
+    """What differs between the runs beyond floating-point reduction order, by kind; the
+    AutoParallel run may have run fewer steps than eager (its steps are compared)."""
+    problems: dict[str, list[str]] = {"losses": [], "grad_norms": [], "gradients": []}
+    for kind, values, reference in (
+        ("losses", ap.losses, eager.losses),
+        ("grad_norms", ap.grad_norms, eager.grad_norms),
+    ):
+        if not values or not set(values) <= set(reference):
+            problems[kind].append(f"steps {sorted(values)} not within eager's {sorted(reference)}")
+            continue
+        problems[kind] += [
+            f"step {step}: AutoParallel {values[step]!r} vs eager {reference[step]!r}"
+            for step in sorted(values)
+            if not _close(values[step], reference[step])
+        ]
+    grads = problems["gradients"]
+    missing, extra = (
+        sorted(set(eager.grads) - set(ap.grads)),
+        sorted(set(ap.grads) - set(eager.grads)),
+    )
+    if missing:
+        grads.append(f"names without an AutoParallel gradient: {', '.join(missing)}")
+    if extra:
+        grads.append(f"names eager does not have: {', '.join(extra)}")
+    for fqn in sorted(set(eager.grads) & set(ap.grads)):
+        want, got = eager.grads[fqn], ap.grads[fqn]
+        if want is None or got is None:
+            if (want is None) != (got is None):
+                grads.append(f"{fqn}: gradient {got is not None} vs eager {want is not None}")
+            continue
+        if got.shape != want.shape:
+            grads.append(f"{fqn}: shape {tuple(got.shape)} vs eager {tuple(want.shape)}")
+        elif not torch.allclose(got, want, rtol=RTOL, atol=ATOL):
+            grads.append(f"{fqn}: max |difference| {(got - want).abs().max().item():.3g}")
+    return problems
+
+
+_PARITY: dict[str, tuple[Trained, Trained]] = {}
+
+
+def _parity(variant: str, seed_checkpoint: Path, root: Path) -> tuple[Trained, Trained]:
     """Train ``variant`` eagerly (1 rank) and through AutoParallel (2 ranks), once."""
     if variant in _PARITY:
         return _PARITY[variant]
     config, ap_args = VARIANTS[variant]
-    eager, eager_losses, eager_grads = _train(
+    eager = _train(
         config,
         seed_checkpoint,
         root / "eager",
@@ -108,7 +192,7 @@ def _parity(variant: str, seed_checkpoint: Path, root: Path) -> dict:
         "--training.local_batch_size", "8",
         ngpu=1,
     )  # fmt: skip
-    ap, ap_losses, ap_grads = _train(
+    ap = _train(
         config,
         seed_checkpoint,
         root / "autoparallel",
@@ -123,20 +207,14 @@ def _parity(variant: str, seed_checkpoint: Path, root: Path) -> dict:
     assert "parameter tok_embeddings.weight = lm_head.weight" in ap.log
     if "shared_rope" in config:
         assert "buffer layers.0.attention.rope.cache = layers.1.attention.rope.cache" in ap.log
-    _PARITY[variant] = {
-        "config": config,
-        "ap_log": ap.log,
-        "eager_losses": eager_losses,
-        "ap_losses": ap_losses,
-        "eager_grads": eager_grads,
-        "ap_grads": ap_grads,
-        "seconds": {"eager": round(eager.seconds, 1), "autoparallel": round(ap.seconds, 1)},
-    }
-    return _PARITY[variant]
+    # Every alias name has its gradient: the tied weight under both names.
+    assert {"tok_embeddings.weight", "lm_head.weight"} <= set(eager.grads)
+    _PARITY[variant] = (eager, ap)
+    return eager, ap
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
-def parity(request, seed_checkpoint, tmp_path_factory) -> dict:
+def parity(request, seed_checkpoint, tmp_path_factory) -> tuple[Trained, Trained]:
     return _parity(request.param, seed_checkpoint, tmp_path_factory.mktemp(request.param))
 
 
@@ -146,62 +224,109 @@ def _report(request, record_property, name: str, value) -> None:
 
 
 def test_losses_match_eager(parity, request, record_property):
-    eager, ap = parity["eager_losses"], parity["ap_losses"]
-    assert sorted(eager) == sorted(ap) == list(range(1, STEPS + 1))
-    diffs = {step: abs(ap[step] - eager[step]) for step in eager}
+    eager, ap = parity
+    assert sorted(eager.losses) == sorted(ap.losses) == list(range(1, STEPS + 1))
+    diffs = {step: abs(ap.losses[step] - eager.losses[step]) for step in eager.losses}
     _report(request, record_property, "max_loss_abs_diff", max(diffs.values()))
-    _report(request, record_property, "run_seconds", parity["seconds"])
-    _report(
-        request,
-        record_property,
-        "max_loss_rel_diff",
-        max(d / abs(eager[s]) for s, d in diffs.items()),
-    )
-    for step in eager:
-        assert math.isfinite(ap[step])
-        assert diffs[step] <= ATOL + RTOL * abs(eager[step]), (
-            f"step {step}: AutoParallel loss {ap[step]!r} vs eager {eager[step]!r}"
-        )
+    _report(request, record_property, "run_seconds", [round(eager.seconds), round(ap.seconds)])
+    assert parity_problems(eager, ap)["losses"] == []
 
 
-def test_step1_gradients_match_eager(parity, request, record_property):
-    eager, ap = parity["eager_grads"], parity["ap_grads"]
-    assert sorted(ap) == sorted(eager) and len(eager) > 0
-    assert all(g is not None for g in eager.values()), "eager has parameters without gradient"
-    max_abs, max_grad = 0.0, 0.0
-    for fqn, want in eager.items():
-        got = ap[fqn]
-        assert got is not None, f"{fqn}: no AutoParallel gradient"
-        assert got.shape == want.shape, fqn
-        torch.testing.assert_close(
-            got, want, rtol=RTOL, atol=ATOL, msg=lambda m, f=fqn: f"{f}: {m}"
-        )
-        max_abs = max(max_abs, (got - want).abs().max().item())
-        max_grad = max(max_grad, want.abs().max().item())
-    assert max_grad > 0, "every eager gradient is zero"
+def test_grad_norms_of_every_step_match_eager(parity, request, record_property):
+    eager, ap = parity
+    assert sorted(ap.grad_norms) == list(range(1, STEPS + 1))
+    diffs = [abs(ap.grad_norms[s] - eager.grad_norms[s]) for s in eager.grad_norms]
+    _report(request, record_property, "max_grad_norm_abs_diff", max(diffs))
+    # Clipping at 1.0 would have acted: the comparison is of unclipped gradients.
+    assert eager.grad_norms[1] > 1.0
+    assert parity_problems(eager, ap)["grad_norms"] == []
+
+
+def test_step1_gradients_before_clipping_match_eager(parity, request, record_property):
+    eager, ap = parity
+    assert len(eager.grads) > 0 and all(g is not None for g in eager.grads.values())
+    assert max(g.abs().max().item() for g in eager.grads.values()) > 0
+    common = set(eager.grads) & set(ap.grads)
+    max_abs = max((ap.grads[f] - eager.grads[f]).abs().max().item() for f in common)
     _report(request, record_property, "max_grad_abs_diff", max_abs)
-    _report(request, record_property, "max_grad_abs", max_grad)
+    assert parity_problems(eager, ap)["gradients"] == []
+
+
+# The fault, what the AutoParallel run logs when it is injected, and the checks that must
+# then fail. AdamW normalizes a uniform gradient scale, so the losses may still agree.
+FAULTS = {
+    "grad_scale_2x": ("grad_norms", "gradients"),
+    "drop_alias": ("gradients",),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_parity_checks_fail_on_an_injected_fault(
+    fault, seed_checkpoint, tmp_path_factory, request, record_property
+):
+    eager, _ = _parity("tied", seed_checkpoint, tmp_path_factory.mktemp("tied"))
+    faulty = _train(
+        VARIANTS["tied"][0],
+        seed_checkpoint,
+        tmp_path_factory.mktemp(fault),
+        "--training.local_batch_size", "4",
+        ngpu=2,
+        steps=3,
+        env={
+            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "tests" / "faults"), str(REPO_ROOT)]),
+            "TORCHTITAN_EXT_TEST_FAULT": fault,
+        },
+    )  # fmt: skip
+    assert f"[fault-shim] {fault} injected into the AutoParallel model" in faulty.log
+    problems = parity_problems(eager, faulty)
+    _report(request, record_property, "caught", {k: v[:2] for k, v in problems.items() if v})
+    for kind in FAULTS[fault]:
+        assert problems[kind], f"{fault} passed the {kind} check: {problems}"
+    if fault == "drop_alias":
+        assert "names without an AutoParallel gradient: lm_head.weight" in problems["gradients"]
 
 
 def test_autoparallel_loss_falls(parity):
-    losses = [parity["ap_losses"][s] for s in sorted(parity["ap_losses"])]
+    losses = [parity[1].losses[s] for s in sorted(parity[1].losses)]
     assert losses[-1] < losses[0] - 3.0, losses
 
 
-def _collective_count(log: str, executed: str) -> int:
-    """Collectives per step from the plan report's line, e.g. "(eager): 87 all_gather ..."."""
+# torchtitan's own all-reduces in each step, outside the model: the global token count,
+# the gradient norm, and the logged loss, max loss and tokens seen.
+TORCHTITAN_ALL_REDUCES = 5
+
+
+def plan_collectives(log: str, executed: str) -> dict[str, int]:
+    """kind -> count from the plan report's line, e.g. "(eager): 87 all_gather (41.0 MiB)"."""
     line = re.search(rf"collectives per step \({re.escape(executed)}\): (.*)", log)
     assert line, f"no '{executed}' collectives line in the log"
-    return sum(int(n) for n in re.findall(r"(\d+) [a-z_]+ \(", line[1]))
+    return {kind: int(n) for n, kind in re.findall(r"(\d+) ([a-z_]+) \(", line[1])}
+
+
+def test_the_plan_report_names_the_collectives_that_run(parity, request, record_property):
+    """The plan report's counts (read from the graphs) are what the step ran, counted by the
+    profiler on rank 0 while step COUNTED_STEP ran, plus torchtitan's own all-reduces."""
+    _, ap = parity
+    compiled = "AutoParallel: compiled plan:" in ap.log
+    plan = plan_collectives(ap.log, "compiled, after bucketing" if compiled else "eager")
+    expected = {**plan, "all_reduce": plan.get("all_reduce", 0) + TORCHTITAN_ALL_REDUCES}
+    _report(request, record_property, "collectives_run", ap.collectives)
+    assert ap.collectives == expected
 
 
 def test_compiled_runs_at_most_a_fifth_of_the_eager_collectives(
     seed_checkpoint, tmp_path_factory, request, record_property
 ):
-    log = _parity("shared_rope_compiled", seed_checkpoint, tmp_path_factory.mktemp("c"))["ap_log"]
-    eager = _collective_count(log, "eager")
-    compiled = _collective_count(log, "compiled, after bucketing")
-    _report(
-        request, record_property, "collectives_per_step", {"eager": eager, "compiled": compiled}
+    """Counted while the steps ran: the compiled shared-RoPE run against the eager tied run
+    (the same plan; the RoPE buffer adds no collective), torchtitan's own included."""
+    _, eager = _parity("tied", seed_checkpoint, tmp_path_factory.mktemp("tied"))
+    _, compiled = _parity(
+        "shared_rope_compiled", seed_checkpoint, tmp_path_factory.mktemp("shared_rope_compiled")
     )
-    assert compiled * 5 <= eager, (compiled, eager)
+    assert plan_collectives(eager.log, "eager") == plan_collectives(compiled.log, "eager")
+    counts = {
+        "eager": sum(eager.collectives.values()),
+        "compiled": sum(compiled.collectives.values()),
+    }
+    _report(request, record_property, "collectives_run_per_step", counts)
+    assert counts["compiled"] * 5 <= counts["eager"], counts

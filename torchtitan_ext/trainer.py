@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -20,6 +22,24 @@ from torchtitan_ext import cpu
 from torchtitan_ext.aliases import storage_bytes
 from torchtitan_ext.auto_parallel import AliasAwareAutoParallel
 
+# c10d op (what the program asks for) -> collective kind, for Trainer's collective count.
+# The backend events ("gloo:all_reduce", "nccl:all_gather"...) carry the payload; gloo runs
+# a reduce-scatter as an all-reduce of the whole input.
+_C10D_KINDS = {
+    "c10d::_allgather_base_": "all_gather",
+    "c10d::allgather_": "all_gather",
+    "c10d::allgather_into_tensor_coalesced_": "all_gather",
+    "c10d::allgather_coalesced_": "all_gather",
+    "c10d::_reduce_scatter_base_": "reduce_scatter",
+    "c10d::reduce_scatter_": "reduce_scatter",
+    "c10d::reduce_scatter_tensor_coalesced_": "reduce_scatter",
+    "c10d::allreduce_": "all_reduce",
+    "c10d::allreduce_coalesced_": "all_reduce",
+    "c10d::alltoall_base_": "all_to_all",
+    "c10d::alltoall_": "all_to_all",
+    "c10d::broadcast_": "broadcast",
+}
+
 
 class Trainer(TitanTrainer):
     """torchtitan's Trainer, made to run on CPU when no accelerator is present.
@@ -32,9 +52,15 @@ class Trainer(TitanTrainer):
     @dataclass(kw_only=True, slots=True)
     class Config(TitanTrainer.Config):
         grad_dump_step: int = 0
-        """Save every parameter's full gradient (after clipping, before the optimizer
-        step) at this step to <dump_folder>/grads/step-N.pt, from rank 0; 0 = never. For
-        comparing numerics between parallelizations of the same model and weights."""
+        """Save every parameter's full gradient at this step, as the backward left it
+        (before clipping), under every name including alias names, to
+        <dump_folder>/grads/step-N.pt from rank 0; 0 = never. For comparing numerics
+        between parallelizations of the same model and weights."""
+
+        collectives_step: int = 0
+        """Count the collectives this step runs, with torch.profiler, while it runs, and
+        write them (count and payload per kind) to <dump_folder>/collectives/rank<R>.json;
+        0 = never. Profiling slows the step: keep it out of timed steps."""
 
         @classmethod
         def derived_from(cls, config: TitanTrainer.Config):
@@ -56,11 +82,57 @@ class Trainer(TitanTrainer):
 
     def train_step(self, data_iterator):
         first = not hasattr(self, "_state_bytes")
-        super().train_step(data_iterator)
+        with contextlib.ExitStack() as stack:
+            if self.step == self.config.grad_dump_step:
+                stack.enter_context(self._dump_gradients_before_clipping())
+            if self.step == self.config.collectives_step:
+                stack.enter_context(self._count_collectives())
+            super().train_step(data_iterator)
         if first:
             self._record_state_bytes()
-        if self.step == self.config.grad_dump_step:
+
+    @contextlib.contextmanager
+    def _count_collectives(self):
+        """Count the c10d collectives of the step (what actually ran, whatever a plan
+        says), and the bytes the backend moved for them."""
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            yield
+        counts: Counter[str] = Counter()
+        payload: Counter[str] = Counter()
+        for event in prof.events():
+            kind = _C10D_KINDS.get(event.name)
+            if kind is not None:
+                counts[kind] += 1
+            elif event.name.startswith(("gloo:", "nccl:")) and event.input_shapes:
+                numel = sum(torch.Size(s).numel() for s in event.input_shapes if s)
+                payload[event.name] += numel * 4  # float32 training
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        folder = os.path.join(self.config.dump_folder, "collectives")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
+            json.dump({"step": self.step, "counts": counts, "payload_bytes": payload}, f, indent=2)
+        logger.info(f"Collectives run in step {self.step}: {dict(sorted(counts.items()))}")
+
+    @contextlib.contextmanager
+    def _dump_gradients_before_clipping(self):
+        """torchtitan's train_step runs backward, clipping and the optimizer step in one
+        method; its one seam between backward and clipping is its call of
+        dist_utils.clip_grad_norm_, wrapped here for this step only."""
+        from torchtitan.distributed import utils as dist_utils
+
+        clip_grad_norm = dist_utils.clip_grad_norm_
+
+        def dump_then_clip(*args, **kwargs):
             self._dump_gradients()
+            return clip_grad_norm(*args, **kwargs)
+
+        dist_utils.clip_grad_norm_ = dump_then_clip
+        try:
+            yield
+        finally:
+            dist_utils.clip_grad_norm_ = clip_grad_norm
 
     def _record_state_bytes(self) -> None:
         """Log and save (<dump_folder>/rank_stats/rank<R>.json) the bytes this rank holds
@@ -90,7 +162,7 @@ class Trainer(TitanTrainer):
         # full_tensor() gathers sharded gradients: every rank must take part.
         grads = {}
         for part in self.model_parts:
-            for fqn, param in part.named_parameters():
+            for fqn, param in part.named_parameters(remove_duplicate=False):
                 grad = param.grad
                 if isinstance(grad, DTensor):
                     grad = grad.full_tensor()

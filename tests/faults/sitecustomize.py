@@ -1,15 +1,23 @@
-"""Kill a training process during a DCP checkpoint write (integration runs).
+"""Faults injected into training runs by tests, to prove their checks catch them.
 
-An integration run puts this folder on PYTHONPATH, so every Python process of the command
-imports this file as ``sitecustomize`` at start-up. With ``TORCHTITAN_EXT_TEST_KILL_SAVE=
-step-N`` set, a process that writes the checkpoint folder ``step-N`` with
-torch.distributed.checkpoint's FileSystemWriter kills itself with SIGKILL after its shard
-files are written and before ``.metadata`` exists (``finish()`` writes it once every rank's
-``write_data`` is done): the folder is left incomplete, as by a crash during a save.
-Without the variable nothing is patched.
+A test puts this folder on PYTHONPATH, so every Python process of the command imports this
+file as ``sitecustomize`` at start-up; the environment says which fault, if any:
 
-torch is not imported here (every process imports this file, torchrun's launcher too): the
-patch is applied when torch.distributed.checkpoint.filesystem is first imported.
+- ``TORCHTITAN_EXT_TEST_KILL_SAVE=step-N`` (integration runs): a process that writes the
+  checkpoint folder ``step-N`` with torch.distributed.checkpoint's FileSystemWriter kills
+  itself with SIGKILL after its shard files are written and before ``.metadata`` exists
+  (``finish()`` writes it once every rank's ``write_data`` is done): the folder is left
+  incomplete, as by a crash during a save.
+- ``TORCHTITAN_EXT_TEST_FAULT=grad_scale_2x`` (parity): every gradient of the AutoParallel
+  model is doubled once the backward accumulated it, as a wrong data-parallel averaging
+  factor would scale it.
+- ``TORCHTITAN_EXT_TEST_FAULT=drop_alias`` (parity): once init_weights ran (and the alias
+  check after it passed), the alias name ``lm_head.weight`` is removed from the AutoParallel
+  model; ``tok_embeddings.weight``, the name its graph reads, stays.
+
+Without the variables nothing is patched. torch is not imported here (every process
+imports this file, torchrun's launcher too): each patch is applied when its module is
+first imported.
 """
 
 from __future__ import annotations
@@ -20,11 +28,14 @@ import os
 import signal
 import sys
 
-_TARGET = "torch.distributed.checkpoint.filesystem"
 _KILL_AT = os.environ.get("TORCHTITAN_EXT_TEST_KILL_SAVE", "")
+_FAULT = os.environ.get("TORCHTITAN_EXT_TEST_FAULT", "")
+_FAULTS = ("", "grad_scale_2x", "drop_alias")
+if _FAULT not in _FAULTS:
+    raise ValueError(f"TORCHTITAN_EXT_TEST_FAULT must be one of {_FAULTS}, got {_FAULT!r}")
 
 
-def _patch(module) -> None:
+def _kill_during_save(module) -> None:
     writer = module.FileSystemWriter
     write_data = writer.write_data
 
@@ -40,9 +51,40 @@ def _patch(module) -> None:
     writer.write_data = write_data_then_die
 
 
+def _faulty_autoparallel(module) -> None:
+    component = module.AliasAwareAutoParallel
+    parallelize = component.__call__
+
+    def parallelize_with_fault(self, model, **kwargs):
+        parallel = parallelize(self, model, **kwargs)
+        if _FAULT == "grad_scale_2x":
+            for param in parallel.parameters():
+                param.register_post_accumulate_grad_hook(lambda p: p.grad.mul_(2))
+        else:
+            init_weights = parallel.init_weights
+
+            def init_weights_then_drop_alias(*args, **kw):
+                result = init_weights(*args, **kw)
+                del parallel.lm_head._parameters["weight"]
+                return result
+
+            parallel.init_weights = init_weights_then_drop_alias
+        print(f"[fault-shim] {_FAULT} injected into the AutoParallel model", flush=True)
+        return parallel
+
+    component.__call__ = parallelize_with_fault
+
+
+_PATCHES = {}
+if _KILL_AT:
+    _PATCHES["torch.distributed.checkpoint.filesystem"] = _kill_during_save
+if _FAULT:
+    _PATCHES["torchtitan_ext.auto_parallel"] = _faulty_autoparallel
+
+
 class _PatchOnImport(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name != _TARGET:
+        if name not in _PATCHES:
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None or spec.loader is None:
@@ -51,13 +93,13 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
         def exec_and_patch(module):
             exec_module(module)
-            _patch(module)
+            _PATCHES[name](module)
 
         spec.loader.exec_module = exec_and_patch
         return spec
 
 
-if _KILL_AT:
+if _PATCHES:
     sys.meta_path.insert(0, _PatchOnImport())
 
 

@@ -52,9 +52,9 @@ _CHECKPOINTED = [
     "--debug.deterministic",
 ]  # fmt: skip
 
-# tests/integration/kill_during_save/sitecustomize.py: SIGKILL while DCP writes step-4.
+# tests/faults/sitecustomize.py: SIGKILL while DCP writes step-4.
 KILL_DURING_STEP4_SAVE = {
-    "PYTHONPATH": "{repo}/tests/integration/kill_during_save",
+    "PYTHONPATH": "{repo}/tests/faults",
     "TORCHTITAN_EXT_TEST_KILL_SAVE": "step-4",
 }
 
