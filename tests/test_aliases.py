@@ -33,7 +33,6 @@ def one_rank_mesh(tmp_path):
 
 @pytest.fixture
 def autoparallel_on_cpu(monkeypatch):
-    pytest.importorskip("autoparallel", reason=engines.AP_MISSING)
     monkeypatch.setenv("TORCHTITAN_EXT_DEVICE", "cpu")  # the meshes here are CPU meshes
 
 
@@ -444,6 +443,8 @@ def test_two_ranks_fsdp2_and_distribute_module(tmp_path):
 @pytest.mark.slow
 @pytest.mark.engine
 def test_two_ranks_autoparallel(tmp_path):
-    pytest.importorskip("autoparallel", reason=engines.AP_MISSING)
-    transforms = ["autoparallel"]
+    """AutoParallel's own (replicated) plan for every toy, and an FSDP-like plan for the
+    tied and shared-buffer toys: names, one object per group, values, loss and gradients
+    against the plain model, gathered from the shards."""
+    transforms = ["autoparallel", "autoparallel_sharded"]
     mp.spawn(engines.two_rank_worker, args=(2, str(tmp_path / "store"), transforms), nprocs=2)
