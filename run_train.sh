@@ -26,25 +26,10 @@ MODEL=${MODEL:-${MODULE:-llama3}}
 CONFIG=${CONFIG:-llama3_debugmodel_autoparallel}
 export LOG_RANK=${LOG_RANK:-0}
 COMM_MODE=${COMM_MODE:-}
-if [ -z "${NGPU:-}" ]; then
-    NGPU=$("$PYTHON" -c "import torch; print(torch.accelerator.device_count())" 2>/dev/null || echo 0)
-    if [ "$NGPU" -eq 0 ]; then
-        NGPU=$(( $(nproc) >= 2 ? 2 : 1 ))
-    fi
-fi
+NGPU=${NGPU:-}  # empty: the launcher counts the accelerators
 
-# The module that defines CONFIG (ours or torchtitan's); lists the choices if none does.
-TRAIN_MODULE=$("$PYTHON" -m torchtitan_ext.launch "$MODEL" "$CONFIG")
-
-if [ -n "$COMM_MODE" ]; then
-    echo "Running with comm_mode=${COMM_MODE} (NGPU=${NGPU}, one process)"
-    NGPU="$NGPU" LOCAL_RANK=0 "$PYTHON" -m torchtitan_ext.train \
-        --module "$TRAIN_MODULE" --config "$CONFIG" \
-        --comm.mode="$COMM_MODE" --training.steps 1 "$@"
-else
-    PYTORCH_ALLOC_CONF="expandable_segments:True" \
-    "$PYTHON" -m torch.distributed.run --nproc_per_node="$NGPU" \
-        --rdzv_backend c10d --rdzv_endpoint="localhost:0" \
-        --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
-        -m torchtitan_ext.train --module "$TRAIN_MODULE" --config "$CONFIG" "$@"
-fi
+# Finds CONFIG, checks the run before any rank starts (a bad flag, mesh or placement file
+# fails here in a line or two, exit 1), then starts torchrun, or with COMM_MODE the one
+# process (torchtitan_ext/launch.py).
+export MODEL CONFIG NGPU COMM_MODE
+exec "$PYTHON" -m torchtitan_ext.launch "$@"

@@ -1,7 +1,9 @@
-"""run_train.sh's config resolution."""
+"""run_train.sh's launcher: config resolution, and every bad input failing before any rank
+starts, in a line or two that name the thing and the fix, with exit code 1."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import pytest
 
 from tests._training import REPO_ROOT
 from torchtitan_ext import launch
+from torchtitan_ext.auto_parallel import AUTOPARALLEL_COMMIT, plan_key_of
 
 
 def test_our_configs_resolve_to_the_root_registry():
@@ -32,12 +35,167 @@ def test_unknown_config_lists_both_registries():
     assert "llama3_8b" in message  # torchtitan's for MODEL=llama3
 
 
+def run_train_sh(*args: str, **env: str) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHON": sys.executable, "NGPU": "2", **env}
+    return subprocess.run(
+        [str(REPO_ROOT / "run_train.sh"), *args],
+        cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def assert_refused_before_launch(proc: subprocess.CompletedProcess, *expected: str, lines=2):
+    """Exit 1, at most ``lines`` lines, each expected text, and no rank ever started."""
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output
+    assert len(proc.stderr.strip().splitlines()) <= lines, proc.stderr
+    for text in expected:
+        assert text in proc.stderr, proc.stderr
+    assert "Traceback" not in output and "[rank" not in output and "[titan]" not in output
+
+
 def test_run_train_sh_rejects_unknown_config_before_launching():
-    env = {**os.environ, "CONFIG": "nope", "MODULE": "qwen3", "PYTHON": sys.executable}
-    proc = subprocess.run(
-        [str(REPO_ROOT / "run_train.sh")], cwd=REPO_ROOT, env=env, capture_output=True, text=True
+    proc = run_train_sh(CONFIG="nope", MODULE="qwen3")
+    assert_refused_before_launch(
+        proc,
+        "Unknown CONFIG='nope'",
+        "torchtitan configs for MODEL=qwen3: qwen3_debugmodel",  # MODULE= works
+        lines=3,
     )
-    assert proc.returncode == 2
-    assert "Unknown CONFIG='nope'" in proc.stderr
-    assert "torchtitan configs for MODEL=qwen3: qwen3_debugmodel" in proc.stderr  # MODULE= works
-    assert "torch.distributed.run" not in proc.stdout + proc.stderr
+
+
+BAD_FLAGS = {
+    "mesh-does-not-divide-the-ranks": (
+        ("--parallelism.data_parallel_shard_degree", "3"),
+        ("the parallelism degrees do not fit NGPU=2", "dp_shard(3)", "set NGPU"),
+    ),
+    "degree-autoparallel-does-not-plan": (
+        ("--parallelism.context_parallel_degree", "2",
+         "--parallelism.data_parallel_shard_degree", "1"),
+        ("plans data and tensor parallelism only, not --parallelism.context_parallel_degree 2",
+         "--parallelize torchtitan"),
+    ),
+    "unknown-option": (
+        ("--autoparallel.bogus", "1"),
+        ("Unrecognized options: --autoparallel.bogus", "./run_train.sh --help"),
+    ),
+    "unknown-value": (
+        ("--autoparallel.alias_check", "nope"),
+        ("invalid choice 'nope' for argument '--autoparallel.alias-check'",
+         "('error', 'warn', 'off')"),
+    ),
+    "misspelled-option": (
+        ("--training.stepz", "3"),
+        ("Unrecognized options: --training.stepz", "did you mean --training.steps"),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_FLAGS))
+def test_bad_flags_are_refused_by_the_launcher(case, monkeypatch, capsys):
+    """The launcher in this process (fast): exit 1 and the message, before any rank."""
+    args, expected = BAD_FLAGS[case]
+    monkeypatch.setenv("NGPU", "2")
+    monkeypatch.setenv("CONFIG", "llama3_debugmodel_autoparallel")
+    monkeypatch.setattr(launch, "_torchrun_argv", None)  # launching would raise TypeError
+    assert launch.main(list(args)) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) <= 2, err
+    for text in expected:
+        assert text in err, err
+
+
+@pytest.mark.slow  # a launcher process each (torch and torchtitan imports: ~8 s)
+@pytest.mark.parametrize("case", list(BAD_FLAGS))
+def test_bad_flags_fail_before_any_rank_starts(case):
+    """The same, as a user runs it: ./run_train.sh."""
+    args, expected = BAD_FLAGS[case]
+    assert_refused_before_launch(run_train_sh(*args), *expected)
+
+
+def test_missing_autoparallel_fails_with_the_install_line(tmp_path):
+    shadow = tmp_path / "autoparallel"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError('No module named autoparallel')\n")
+    proc = run_train_sh(PYTHONPATH=str(tmp_path))
+    assert_refused_before_launch(
+        proc, "Meta's AutoParallel is not installed", f"@{AUTOPARALLEL_COMMIT}' pulp", lines=1
+    )
+
+
+@pytest.fixture(scope="module")
+def plan_keys() -> dict[str, dict]:
+    """plan_key_of() the debug config as run_train.sh's NGPU=2 run builds it, and of runs
+    that differ in one thing each."""
+
+    def key(*args: str, config: str = "llama3_debugmodel_autoparallel", world_size: int = 2):
+        parsed = launch.parse_config("config_registry", config, list(args))
+        return plan_key_of(parsed, world_size=world_size)
+
+    return {
+        "this run": key(),
+        "another model": key(config="llama3_debugmodel_shared_rope_autoparallel"),
+        "another mesh": key(world_size=1),
+        "another batch size": key("--training.local_batch_size", "4"),
+        "another dtype": key("--training.dtype", "bfloat16"),
+    }  # fmt: skip
+
+
+@pytest.mark.slow  # a launcher process each
+@pytest.mark.engine
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("another model", "was solved for model SharedRoPELlama3Model.Config"),
+        ("another mesh", "was solved for mesh {'dp_shard': 1}, inputs [8, 256]"),
+        ("another batch size", "was solved for inputs [8, 256]; this run has inputs [16, 256]"),
+        ("another dtype", "was solved for dtypes {'param': 'float32', 'reduce': 'float32', "
+                          "'model': 'bfloat16'}"),
+        ("no key", "has no torchtitan_ext plan key"),
+    ],
+)  # fmt: skip
+def test_placement_file_of_another_plan_is_refused(case, expected, plan_keys, tmp_path):
+    plan_file = _placement_file(tmp_path, plan_keys, case)
+    proc = run_train_sh(
+        f"--dump_folder={tmp_path}", "--autoparallel.placement_file", "placements.json"
+    )
+    assert_refused_before_launch(proc, f"placement file {plan_file}", expected, "delete it")
+
+
+def _placement_file(folder, plan_keys: dict[str, dict], case: str):
+    """A placement file whose plan key is that of ``case`` (none for "no key")."""
+    plan_file = folder / "placements.json"
+    saved = {"version": 1, "mesh_shape": [2], "mesh_dim_names": ["dp_shard"], "placements": {}}
+    if case != "no key":
+        assert plan_keys[case] != plan_keys["this run"]
+        saved["torchtitan_ext_plan_key"] = plan_keys[case]
+    plan_file.write_text(json.dumps(saved))
+    return plan_file
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("case", ["another mesh", "no key"])
+def test_placement_file_of_another_plan_is_refused_by_the_launcher(
+    case, plan_keys, tmp_path, monkeypatch, capsys
+):
+    plan_file = _placement_file(tmp_path, plan_keys, case)
+    monkeypatch.setenv("NGPU", "2")
+    monkeypatch.setenv("CONFIG", "llama3_debugmodel_autoparallel")
+    monkeypatch.setattr(launch, "_torchrun_argv", None)  # launching would raise TypeError
+    args = [f"--dump_folder={tmp_path}", "--autoparallel.placement_file", "placements.json"]
+    assert launch.main(args) == 1
+    err = capsys.readouterr().err
+    assert f"placement file {plan_file}" in err and "delete it" in err, err
+
+
+@pytest.mark.engine
+def test_placement_file_of_this_plan_passes_the_check(plan_keys, tmp_path):
+    """The key the launcher computes is the one the ranks write (same function, same
+    config): a file with it is not refused."""
+    plan_file = tmp_path / "placements.json"
+    plan_file.write_text(json.dumps({"torchtitan_ext_plan_key": plan_keys["this run"]}))
+    config = launch.parse_config(
+        "config_registry",
+        "llama3_debugmodel_autoparallel",
+        [f"--dump_folder={tmp_path}", "--autoparallel.placement_file", "placements.json"],
+    )
+    launch.check(config, world_size=2)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -64,6 +66,25 @@ class PhaseTimes:
     alias_restore: float = 0.0
     alias_verify: float = 0.0
     init: float = 0.0
+
+
+@dataclass(slots=True)
+class PlanSpec:
+    """What one parallelization plans for; built from torchtitan's arguments."""
+
+    axes: list[str]
+    mesh: object  # DeviceMesh with these axes
+    batch: int
+    """Global batch (rows) of one microbatch."""
+    input_fn: object
+    mp_policy: object
+    reshard_after_forward: bool
+    input_placement: tuple
+    logits_placement: tuple
+    memory_bounds: tuple[float, float]
+    placement_path: str
+    key: dict
+    """plan_key(): what a placement file must have been solved for."""
 
 
 class AliasAwareAutoParallel(Configurable):
@@ -132,16 +153,8 @@ class AliasAwareAutoParallel(Configurable):
         dump_folder: str,
     ) -> nn.Module:
         from autoparallel.api import AutoParallel
-        from autoparallel.input_validation import ForwardInputs
-        from autoparallel.serialization import load_placements, save_placements
-        from torch.distributed.fsdp import MixedPrecisionPolicy
 
-        if parallel_dims.pp_enabled or parallel_dims.cp_enabled or parallel_dims.ep_enabled:
-            raise ValueError(
-                "AliasAwareAutoParallel plans data and tensor parallelism only: set "
-                "--parallelism.pipeline_parallel_degree, --parallelism.context_parallel_degree "
-                "and --parallelism.expert_parallel_degree to 1"
-            )
+        check_parallel_dims(parallel_dims)
         compile_model = compile_config.enable and "model" in compile_config.components
         if ac_config is not None and not compile_model:
             logger.warning(
@@ -151,24 +164,49 @@ class AliasAwareAutoParallel(Configurable):
         cpu.install_autoparallel_runtime()
         reset_autoparallel_caches()
         self.times = PhaseTimes()
+        self._dump = os.path.join(dump_folder, "autoparallel")
 
+        names = self._capture_aliases(model)
+        spec = self._plan_spec(model, parallel_dims, training, parallelism, dump_folder)
+        t0 = time.perf_counter()
+        with AutoParallel(
+            model,
+            spec.input_fn,
+            spec.mesh,
+            mp_policy=spec.mp_policy,
+            reshard_after_forward=spec.reshard_after_forward,
+        ) as autop:
+            self.times.trace = time.perf_counter() - t0
+            self._constrain(autop, spec)
+            placement = self._solve_or_load(autop, spec)
+            parallel_model, executed = self._apply(autop, placement)
+            joint_graph = autop.gm
+        self._restore_aliases(parallel_model, names)
+        self._report_plan(spec, joint_graph, executed, parallel_model)
+        if compile_model:
+            self._compile(parallel_model, ac_config=ac_config, dump_folder=dump_folder)
+        return parallel_model
+
+    def _capture_aliases(self, model: nn.Module) -> dict[str, list[str]]:
+        """Record the alias groups and every FQN of the original model before tracing."""
         t0 = time.perf_counter()
         self.alias_map = AliasMap.capture(model)
         names = _names(model)
         self.times.alias_capture = time.perf_counter() - t0
         if self.alias_map:
             logger.info(f"AutoParallel: captured aliases before tracing:\n{self.alias_map}")
+        return names
 
-        shard_axis = "fsdp" if parallelism.spmd_backend == "partial_dtensor" else "dp_shard"
-        axes = [
-            a
-            for a in ("dp_replicate", shard_axis, "tp")
-            if parallel_dims.get_optional_mesh(a) is not None
-            and parallel_dims.get_optional_mesh(a).size() > 1
-        ] or [shard_axis]
-        mesh = parallel_dims.get_mesh(axes if len(axes) > 1 else axes[0])
-        dp_degree = parallel_dims.dp_replicate * parallel_dims.dp_shard
-        batch = training.local_batch_size * dp_degree
+    def _plan_spec(self, model, parallel_dims, training, parallelism, dump_folder) -> PlanSpec:
+        """What the plan is for: mesh, global input shapes, precision, placement
+        constraints of inputs and logits, and the key a placement file must match."""
+        from autoparallel.input_validation import ForwardInputs
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        axes = mesh_axes(parallel_dims, spmd_backend=parallelism.spmd_backend)
+        mesh = parallel_dims.get_mesh(list(axes) if len(axes) > 1 else next(iter(axes)))
+        assert tuple(mesh.shape) == tuple(axes.values()), (mesh.shape, axes)
+        batch = training.local_batch_size * parallel_dims.dp_replicate * parallel_dims.dp_shard
         vocab_size = model.config.vocab_size
         mesh_device = torch.device(mesh.device_type)
 
@@ -187,78 +225,106 @@ class AliasAwareAutoParallel(Configurable):
             mp_policy = MixedPrecisionPolicy(
                 param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False
             )
-        reshard_after_forward = get_fsdp_reshard_after_forward_policy(
-            parallelism.fsdp_reshard_after_forward, parallel_dims.pp_enabled
-        )
-        low, high = self._memory_bounds(parallel_dims)
         # Inputs: the batch on the data axes, replicated on tp. Logits: the batch on the
         # data axes and, on tp, what torchtitan's loss takes: vocab-sharded under the
         # spmd_types backend (its loss-parallel cross-entropy when tp > 1), the full
         # vocabulary under the DTensor backends.
-        input_placement = tuple(Shard(0) if a in _DATA_AXES else Replicate() for a in axes)
         vocab_parallel = parallelism.spmd_backend == "spmd_types"
-        logits_placement = tuple(
-            Shard(0) if a in _DATA_AXES else (Shard(2) if vocab_parallel else Replicate())
-            for a in axes
+        low, high = memory_bounds(self.config, parallel_dims)
+        return PlanSpec(
+            axes=list(axes),
+            mesh=mesh,
+            batch=batch,
+            input_fn=input_fn,
+            mp_policy=mp_policy,
+            reshard_after_forward=get_fsdp_reshard_after_forward_policy(
+                parallelism.fsdp_reshard_after_forward, parallel_dims.pp_enabled
+            ),
+            input_placement=tuple(Shard(0) if a in _DATA_AXES else Replicate() for a in axes),
+            logits_placement=tuple(
+                Shard(0) if a in _DATA_AXES else (Shard(2) if vocab_parallel else Replicate())
+                for a in axes
+            ),
+            memory_bounds=(low, high),
+            placement_path=placement_path(self.config, dump_folder),
+            key=plan_key(
+                model_config=model.config,
+                axes=axes,
+                batch=batch,
+                training=training,
+                parallelism=parallelism,
+                config=self.config,
+                memory_bounds=(low, high),
+            ),
         )
-        placement_path = self._placement_path(dump_folder)
 
+    def _constrain(self, autop, spec: PlanSpec) -> None:
+        low, high = spec.memory_bounds
         logger.info(
-            f"AutoParallel: planning on mesh {dict(zip(axes, mesh.shape, strict=True))}, "
-            f"global batch {batch} x {training.seq_len}, parameter memory per rank in "
-            f"[{low:.3g}, {high:.3g}] of the model"
+            f"AutoParallel: planning on mesh {dict(zip(spec.axes, spec.mesh.shape, strict=True))}"
+            f", global batch {spec.batch} x {spec.key['inputs'][1]}, parameter memory per rank "
+            f"in [{low:.3g}, {high:.3g}] of the model"
         )
+        autop.add_input_constraints([spec.input_placement, spec.input_placement])
+        autop.add_output_constraints([spec.logits_placement])
+        autop.add_parameter_memory_constraint(low=low, high=high)
+        constrain_alias_placements(autop, self.alias_map)
+        if "dp_replicate" in spec.axes and len(spec.axes) > 1:
+            _replicate_parameters(autop, axis=spec.axes.index("dp_replicate"))
+        if self.config.parallel_matmuls:
+            _constrain_matmuls(autop, axes=spec.axes, batch=spec.batch)
+
+    def _solve_or_load(self, autop, spec: PlanSpec):
+        """Solve, or load the placement file (after checking it was solved for this very
+        plan); save the solution to the placement file and, if asked, the dumps."""
+        from autoparallel.serialization import load_placements, save_placements
+
+        path = spec.placement_path
         t0 = time.perf_counter()
-        with AutoParallel(
-            model, input_fn, mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward
-        ) as autop:
-            self.times.trace = time.perf_counter() - t0
-            autop.add_input_constraints([input_placement, input_placement])
-            autop.add_output_constraints([logits_placement])
-            autop.add_parameter_memory_constraint(low=low, high=high)
-            constrain_alias_placements(autop, self.alias_map)
-            if "dp_replicate" in axes and len(axes) > 1:
-                _replicate_parameters(autop, axis=axes.index("dp_replicate"))
-            if self.config.parallel_matmuls:
-                _constrain_matmuls(autop, axes=axes, batch=batch)
+        solved = not (path and os.path.exists(path))
+        if solved:
+            placement = autop.optimize_placement()
+        else:
+            check_placement_file(path, spec.key)
+            placement = load_placements(autop.sharding_optimizer, path)
+            logger.info(f"AutoParallel: loaded placements from {path} (no solve)")
+        self.times.solve = time.perf_counter() - t0
+        if not _is_rank0():
+            return placement
+        os.makedirs(self._dump, exist_ok=True)
+        if solved and path:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            save_placements(autop.sharding_optimizer, path)
+            _add_plan_key(path, spec.key)
+            logger.info(f"AutoParallel: saved placements to {path}")
+        if self.config.dump_placements and solved:
+            save_placements(autop.sharding_optimizer, os.path.join(self._dump, "placements.json"))
+            _add_plan_key(os.path.join(self._dump, "placements.json"), spec.key)
+            with open(os.path.join(self._dump, "solution.txt"), "w") as f:
+                f.write(autop.sharding_optimizer.get_log(colored=False))
+        elif self.config.dump_placements:
+            shutil.copyfile(path, os.path.join(self._dump, "placements.json"))
+        return placement
 
-            t0 = time.perf_counter()
-            solved = not (placement_path and os.path.exists(placement_path))
-            if solved:
-                placement = autop.optimize_placement()
-            else:
-                placement = load_placements(autop.sharding_optimizer, placement_path)
-                logger.info(f"AutoParallel: loaded placements from {placement_path} (no solve)")
-            self.times.solve = time.perf_counter() - t0
-            dump = self._dump = os.path.join(dump_folder, "autoparallel")
-            if _is_rank0():
-                os.makedirs(dump, exist_ok=True)
-                if solved and placement_path:
-                    os.makedirs(os.path.dirname(placement_path) or ".", exist_ok=True)
-                    save_placements(autop.sharding_optimizer, placement_path)
-                    logger.info(f"AutoParallel: saved placements to {placement_path}")
-                if self.config.dump_placements and solved:
-                    save_placements(autop.sharding_optimizer, os.path.join(dump, "placements.json"))
-                    with open(os.path.join(dump, "solution.txt"), "w") as f:
-                        f.write(autop.sharding_optimizer.get_log(colored=False))
-                elif self.config.dump_placements:
-                    shutil.copyfile(placement_path, os.path.join(dump, "placements.json"))
+    def _apply(self, autop, placement) -> tuple[nn.Module, dict[str, torch.fx.GraphModule]]:
+        """apply_placement, recording the forward and backward graphs AutoParallel compiles
+        (with its no-op compiler in eager): what each step executes, for the plan report."""
+        executed: dict[str, torch.fx.GraphModule] = {}
+        compile_graph = autop.compiler_fn
 
-            # Record the forward and backward graphs AutoParallel compiles (with its no-op
-            # compiler in eager): those are what each step executes, for the plan report.
-            executed: dict[str, torch.fx.GraphModule] = {}
-            compile_graph = autop.compiler_fn
+        def recording_compiler(gm, example_inputs, tag_forward=False):
+            executed.setdefault("forward" if tag_forward else "backward", gm)
+            return compile_graph(gm, example_inputs, tag_forward=tag_forward)
 
-            def recording_compiler(gm, example_inputs, tag_forward=False):
-                executed.setdefault("forward" if tag_forward else "backward", gm)
-                return compile_graph(gm, example_inputs, tag_forward=tag_forward)
+        autop.compiler_fn = recording_compiler
+        t0 = time.perf_counter()
+        parallel_model = autop.apply_placement(placement)
+        self.times.apply = time.perf_counter() - t0
+        return parallel_model, executed
 
-            autop.compiler_fn = recording_compiler
-            t0 = time.perf_counter()
-            parallel_model = autop.apply_placement(placement)
-            self.times.apply = time.perf_counter() - t0
-            joint_graph = autop.gm
-
+    def _restore_aliases(self, parallel_model: nn.Module, names: dict[str, list[str]]) -> None:
+        """Re-register the alias names the engine dropped, keep groups tied through init,
+        check names now and (wrapped around init_weights) again once values exist."""
         t0 = time.perf_counter()
         restored = self.alias_map.restore(parallel_model)
         self.alias_map.keep_tied(parallel_model)
@@ -275,9 +341,10 @@ class AliasAwareAutoParallel(Configurable):
         )
         self._wrap_init(parallel_model)
 
+    def _report_plan(self, spec: PlanSpec, joint_graph, executed, parallel_model) -> None:
         self.report = build_report(
-            mesh_axes=axes,
-            mesh_shape=tuple(mesh.shape),
+            mesh_axes=spec.axes,
+            mesh_shape=tuple(spec.mesh.shape),
             joint_graph=joint_graph,
             forward_graph=executed["forward"],
             backward_graph=executed["backward"],
@@ -287,10 +354,7 @@ class AliasAwareAutoParallel(Configurable):
             f"AutoParallel: trace {self.times.trace:.1f}s, solve {self.times.solve:.1f}s, "
             f"apply {self.times.apply:.1f}s. Plan:\n  " + "\n  ".join(self.report.lines())
         )
-        self._write_report(dump)
-        if compile_model:
-            self._compile(parallel_model, ac_config=ac_config, dump_folder=dump_folder)
-        return parallel_model
+        self._write_report(self._dump)
 
     def report_compiled_plan(self) -> bool:
         """Once Inductor compiled the forward and backward, update the plan report with their
@@ -360,30 +424,6 @@ class AliasAwareAutoParallel(Configurable):
             f"scheduling on, AC pass {'on' if ac_config is not None else 'off'}) at the first step"
         )
 
-    def _memory_bounds(self, parallel_dims) -> tuple[float, float]:
-        replicate_only = parallel_dims.dp_shard == 1 and parallel_dims.tp == 1
-        default_low, default_high = (
-            (1.0, 1.0)
-            if replicate_only
-            else (0.0, 1.0 / (parallel_dims.dp_shard * parallel_dims.tp))
-        )
-        low = default_low if self.config.param_memory_low is None else self.config.param_memory_low
-        high = (
-            default_high if self.config.param_memory_high is None else self.config.param_memory_high
-        )
-        if not 0.0 <= low <= high <= 1.0:
-            raise ValueError(
-                f"--autoparallel.param_memory_low/high must satisfy 0 <= low <= high <= 1, "
-                f"got low={low}, high={high}"
-            )
-        return low, high
-
-    def _placement_path(self, dump_folder: str) -> str:
-        path = self.config.placement_file
-        if path and not os.path.isabs(path):
-            path = os.path.join(dump_folder, path)
-        return path
-
     def _check_aliases(
         self, module: nn.Module, *, when: str, names: dict[str, list[str]] | None = None
     ) -> None:
@@ -428,6 +468,152 @@ class AliasAwareAutoParallel(Configurable):
             return result
 
         module.init_weights = timed_init_weights
+
+
+def mesh_axes(parallel_dims, *, spmd_backend: str) -> dict[str, int]:
+    """The mesh AutoParallel plans over: torchtitan's data and tp axes of size > 1, in mesh
+    order, or the sharded data axis alone (size 1 on one rank). The sharded data axis is
+    "fsdp" under the partial_dtensor backend and "dp_shard" under the others."""
+    shard_axis = "fsdp" if spmd_backend == "partial_dtensor" else "dp_shard"
+    sizes = {
+        "dp_replicate": parallel_dims.dp_replicate,
+        shard_axis: parallel_dims.dp_shard,
+        "tp": parallel_dims.tp,
+    }
+    return {axis: size for axis, size in sizes.items() if size > 1} or {shard_axis: 1}
+
+
+def check_parallel_dims(parallel_dims) -> None:
+    """ValueError for the degrees AutoParallel does not plan here."""
+    unplanned = {
+        "pipeline_parallel_degree": parallel_dims.pp,
+        "context_parallel_degree": parallel_dims.cp,
+        "expert_parallel_degree": parallel_dims.ep,
+    }
+    unplanned = {name: degree for name, degree in unplanned.items() if degree > 1}
+    if unplanned:
+        given = ", ".join(f"--parallelism.{name} {degree}" for name, degree in unplanned.items())
+        raise ValueError(
+            f"AliasAwareAutoParallel plans data and tensor parallelism only, not {given}: set "
+            "them to 1, or use torchtitan's parallelization (--parallelize torchtitan)"
+        )
+
+
+def memory_bounds(config: AliasAwareAutoParallel.Config, parallel_dims) -> tuple[float, float]:
+    """The parameter memory each rank may hold, as fractions of the model: the config's
+    bounds, defaulting to sharded on dp_shard x tp and replicated on a replicate-only mesh."""
+    replicate_only = parallel_dims.dp_shard == 1 and parallel_dims.tp == 1
+    default_low, default_high = (
+        (1.0, 1.0) if replicate_only else (0.0, 1.0 / (parallel_dims.dp_shard * parallel_dims.tp))
+    )
+    low = default_low if config.param_memory_low is None else config.param_memory_low
+    high = default_high if config.param_memory_high is None else config.param_memory_high
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(
+            f"--autoparallel.param_memory_low/high must satisfy 0 <= low <= high <= 1, "
+            f"got low={low}, high={high}"
+        )
+    return low, high
+
+
+def placement_path(config: AliasAwareAutoParallel.Config, dump_folder: str) -> str:
+    path = config.placement_file
+    if path and not os.path.isabs(path):
+        path = os.path.join(dump_folder, path)
+    return path
+
+
+def plan_key(
+    *, model_config, axes: dict[str, int], batch: int, training, parallelism, config,
+    memory_bounds: tuple[float, float],
+) -> dict:  # fmt: skip
+    """What a solution is valid for: the model (its config, after update_from_config), the
+    mesh, the global input shapes, the dtypes, the constraints, and the engine versions.
+    Written into placement files; a file whose key differs is refused."""
+    # The config's repr names init functions by address ("<function normal_ at 0x7f..>").
+    model = re.sub(r" at 0x[0-9a-f]+", "", repr(model_config))
+    return {
+        "model": f"{type(model_config).__qualname__} "
+        f"{hashlib.sha256(model.encode()).hexdigest()[:16]}",
+        "mesh": dict(axes),
+        "inputs": [batch, training.seq_len],
+        "dtypes": {
+            "param": training.mixed_precision_param,
+            "reduce": training.mixed_precision_reduce,
+            "model": training.dtype,
+        },
+        "reshard_after_forward": parallelism.fsdp_reshard_after_forward,
+        "param_memory": list(memory_bounds),
+        "parallel_matmuls": config.parallel_matmuls,
+        "torch": torch.__version__,
+        "autoparallel": AUTOPARALLEL_COMMIT,
+    }
+
+
+_PLAN_KEY_FIELD = "torchtitan_ext_plan_key"
+
+
+def _add_plan_key(path: str, key: dict) -> None:
+    # AutoParallel's load_placements reads only its own fields and ignores this one.
+    with open(path) as f:
+        data = json.load(f)
+    data[_PLAN_KEY_FIELD] = key
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+
+
+def check_placement_file(path: str, key: dict) -> None:
+    """ValueError unless the placement file was solved for this plan (plan_key)."""
+    fix = "delete it to solve again, or pass another --autoparallel.placement_file"
+    try:
+        with open(path) as f:
+            saved = json.load(f).get(_PLAN_KEY_FIELD)
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"placement file {path} is not readable JSON ({e}): {fix}") from e
+    if saved is None:
+        raise ValueError(
+            f"placement file {path} has no torchtitan_ext plan key (not saved by this "
+            f"project's --autoparallel.placement_file), so it cannot be checked: {fix}"
+        )
+    differ = [name for name in key if saved.get(name) != key[name]]
+    if differ:
+        was = ", ".join(f"{name} {saved.get(name)}" for name in differ)
+        now = ", ".join(f"{name} {key[name]}" for name in differ)
+        raise ValueError(f"placement file {path} was solved for {was}; this run has {now}: {fix}")
+
+
+def check_before_launch(config, *, world_size: int) -> None:
+    """What would otherwise fail only after every rank started, checked on the parsed
+    config (run_train.sh runs this before torchrun): the degrees are ones AutoParallel
+    plans, the engine is installed, and a placement file was solved for this very plan.
+    Raises ValueError or ImportError naming the problem and the fix."""
+    from torchtitan.distributed import ParallelDims
+
+    check_parallel_dims(ParallelDims.from_config(config.parallelism, world_size))
+    require_autoparallel()
+    path = placement_path(config.autoparallel, config.dump_folder)
+    if path and os.path.exists(path):
+        check_placement_file(path, plan_key_of(config, world_size=world_size))
+
+
+def plan_key_of(config, *, world_size: int) -> dict:
+    """plan_key() of an AutoParallelTrainer.Config, as the component computes it on the
+    ranks. Updates the model config from the trainer config, as the Trainer does."""
+    from torchtitan.distributed import ParallelDims
+
+    parallel_dims = ParallelDims.from_config(config.parallelism, world_size)
+    config.model_spec.model.update_from_config(config=config)
+    return plan_key(
+        model_config=config.model_spec.model,
+        axes=mesh_axes(parallel_dims, spmd_backend=config.parallelism.spmd_backend),
+        batch=config.training.local_batch_size
+        * parallel_dims.dp_replicate
+        * parallel_dims.dp_shard,
+        training=config.training,
+        parallelism=config.parallelism,
+        config=config.autoparallel,
+        memory_bounds=memory_bounds(config.autoparallel, parallel_dims),
+    )
 
 
 def plan_model(config, *, world_size: int, dump_folder: str):

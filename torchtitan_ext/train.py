@@ -20,7 +20,7 @@ from torchtitan_ext.assets import use_bundled_assets_if_missing
 from torchtitan_ext.trainer import Trainer
 
 
-class _CPUConfigManager(ConfigManager):
+class CPUConfigManager(ConfigManager):
     def _load_config(self, args: list[str]) -> tuple[object, list[str]]:
         config, args = super()._load_config(args)
         if cpu.use_cpu() and type(config) is TitanTrainer.Config:
@@ -32,7 +32,7 @@ class _CPUConfigManager(ConfigManager):
 
 def main() -> None:
     # torchtitan.train.main() builds its ConfigManager by this module-level name.
-    torchtitan.train.ConfigManager = _CPUConfigManager
+    torchtitan.train.ConfigManager = CPUConfigManager
     torchtitan.train.main()
 
 
