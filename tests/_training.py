@@ -95,3 +95,17 @@ def run_train(
     )
     log, losses, grad_norms = parse_steps(proc.stdout)
     return Run(returncode=proc.returncode, log=log, losses=losses, grad_norms=grad_norms)
+
+
+def tensorboard_scalars(path: Path, tags: dict[str, str]) -> dict[str, dict[int, float]]:
+    """name -> step -> value of each TensorBoard tag in one run folder (<dump>/tb/<time>) or
+    event file, at full precision (the step lines print 5 decimals)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(path))
+    events.Reload()
+    present = set(events.Tags()["scalars"])
+    return {
+        name: {s.step: s.value for s in events.Scalars(tag)} if tag in present else {}
+        for name, tag in tags.items()
+    }

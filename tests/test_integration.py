@@ -110,6 +110,12 @@ def _result(lines: list[str], returncode: int = 0) -> CommandResult:
     return CommandResult.parse(["x"], {}, returncode, 1.0, "\n".join(lines))
 
 
+def _logged(full_losses: dict[int, float]) -> CommandResult:
+    """A command that logged these losses to TensorBoard (and printed them)."""
+    lines = [_step(step, loss, 0) for step, loss in full_losses.items()]
+    return CommandResult.parse(["x"], {}, 0, 1.0, "\n".join(lines), full_losses=full_losses)
+
+
 def _step(step: int, loss: float, rank: int | None = None) -> str:
     prefix = "" if rank is None else f"[rank{rank}]:"
     return (
@@ -139,15 +145,17 @@ def test_checks_fail_when_they_should():
     assert LogContains((r"grad_norm",))([good]) == [] and LogContains(("absent",))([good])
     assert LogLacks(("absent",))([good]) == [] and LogLacks((r"loss",))([good])
 
-    reference = _result([_step(s, 10.0 - s, 0) for s in (1, 2, 3, 4)])
-    resumed = _result([_step(s, 10.0 - s, 0) for s in (3, 4)])
+    # Resumed losses must equal the uninterrupted ones at full precision, bit for bit.
+    reference = _logged({s: 10.0 - s + 1e-7 for s in (1, 2, 3, 4)})
+    resumed = _logged({s: 10.0 - s + 1e-7 for s in (3, 4)})
     assert ResumeMatches(min_steps=2)([reference, resumed]) == []
-    drifted = _result([_step(3, 7.0, 0), _step(4, 6.00003, 0)])
+    drifted = _logged({3: 7.0 + 1e-7, 4: 6.0 + 2e-7})  # printed (5 decimals) the same
     assert ResumeMatches()([reference, drifted]) == [
-        "step 4: resumed loss 6.00003 != uninterrupted loss 6.0"
+        f"step 4: resumed loss {6.0 + 2e-7!r} != uninterrupted loss {6.0 + 1e-7!r}"
     ]
     assert ResumeMatches(min_steps=3)([reference, resumed])  # too few steps
-    assert ResumeMatches()([reference, _result([_step(5, 5.0, 0)])])  # step not in reference
+    assert ResumeMatches()([reference, _logged({5: 5.0})])  # step not in reference
+    assert ResumeMatches()([_result([_step(1, 9.0, 0)]), resumed])  # no full-precision log
 
 
 # --- the runner: outcomes, summary, exit status ---

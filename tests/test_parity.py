@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests._training import REPO_ROOT, run_train
+from tests._training import REPO_ROOT, run_train, tensorboard_scalars
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
@@ -65,15 +65,10 @@ class Trained:
     """Collectives of step COUNTED_STEP on rank 0, counted while it ran."""
 
 
-def tensorboard_scalars(dump_folder: Path) -> dict[str, dict[int, float]]:
-    """TB_TAGS' name -> step -> value, as logged to TensorBoard under <dump>/tb/<time>/."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
+def _tensorboard(dump_folder: Path) -> dict[str, dict[int, float]]:
     runs = [p for p in (dump_folder / "tb").iterdir() if p.is_dir()]
     assert len(runs) == 1, f"expected one TensorBoard run under {dump_folder / 'tb'}: {runs}"
-    events = EventAccumulator(str(runs[0]))
-    events.Reload()
-    return {name: {s.step: s.value for s in events.Scalars(tag)} for name, tag in TB_TAGS.items()}
+    return tensorboard_scalars(runs[0], TB_TAGS)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +117,7 @@ def _train(
     ).check()  # fmt: skip
     assert f"Loading the checkpoint from {dump}/checkpoint/step-0." in run.log
     seconds = time.perf_counter() - start
-    scalars = tensorboard_scalars(dump)
+    scalars = _tensorboard(dump)
     collectives = (dump / "collectives" / "rank0.json").read_text()
     return Trained(
         log=run.log,

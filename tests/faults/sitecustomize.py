@@ -35,6 +35,16 @@ if _FAULT not in _FAULTS:
     raise ValueError(f"TORCHTITAN_EXT_TEST_FAULT must be one of {_FAULTS}, got {_FAULT!r}")
 
 
+def _flush_tensorboard() -> None:
+    """Write out the losses TensorBoard holds in memory: the killed command's steps are the
+    uninterrupted reference its resumed rerun is compared with, at full precision."""
+    import gc
+
+    for obj in gc.get_objects():
+        if type(obj).__name__ == "SummaryWriter":
+            obj.flush()
+
+
 def _kill_during_save(module) -> None:
     writer = module.FileSystemWriter
     write_data = writer.write_data
@@ -43,6 +53,7 @@ def _kill_during_save(module) -> None:
         result = write_data(self, plan, planner)
         if os.path.basename(os.path.normpath(str(self.path))) == _KILL_AT:
             result.wait()  # this rank's shard files are on disk; .metadata is not
+            _flush_tensorboard()
             print(f"[kill-shim] SIGKILL during the DCP save of {self.path}", flush=True)
             sys.stderr.flush()
             os.kill(os.getpid(), signal.SIGKILL)
@@ -51,25 +62,30 @@ def _kill_during_save(module) -> None:
     writer.write_data = write_data_then_die
 
 
+def _double_grad(param) -> None:
+    param.grad.mul_(2)
+
+
 def _faulty_autoparallel(module) -> None:
     component = module.AliasAwareAutoParallel
     parallelize = component.__call__
 
     def parallelize_with_fault(self, model, **kwargs):
         parallel = parallelize(self, model, **kwargs)
-        if _FAULT == "grad_scale_2x":
-            for param in parallel.parameters():
-                param.register_post_accumulate_grad_hook(lambda p: p.grad.mul_(2))
-        else:
-            init_weights = parallel.init_weights
+        init_weights = parallel.init_weights
 
-            def init_weights_then_drop_alias(*args, **kw):
-                result = init_weights(*args, **kw)
+        # After init_weights: the Trainer's to_empty() has replaced the meta parameters.
+        def init_weights_then_fault(*args, **kw):
+            result = init_weights(*args, **kw)
+            if _FAULT == "grad_scale_2x":
+                for param in parallel.parameters():
+                    param.register_post_accumulate_grad_hook(_double_grad)
+            else:
                 del parallel.lm_head._parameters["weight"]
-                return result
+            print(f"[fault-shim] {_FAULT} injected into the AutoParallel model", flush=True)
+            return result
 
-            parallel.init_weights = init_weights_then_drop_alias
-        print(f"[fault-shim] {_FAULT} injected into the AutoParallel model", flush=True)
+        parallel.init_weights = init_weights_then_fault
         return parallel
 
     component.__call__ = parallelize_with_fault

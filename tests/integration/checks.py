@@ -27,11 +27,19 @@ class CommandResult:
     """rank -> step -> loss, as printed (5 decimals)."""
     checkpoints: dict[int, bool] = field(default_factory=dict)
     """After the command: step -> whether <dump>/checkpoint/step-N is complete (.metadata)."""
+    full_losses: dict[int, float] = field(default_factory=dict)
+    """step -> loss at full precision, from the TensorBoard run this command wrote (runs
+    with --metrics.enable_tensorboard --metrics.save_tb_folder tb); empty otherwise."""
 
     @classmethod
-    def parse(cls, argv, env, returncode, seconds, raw_log: str, checkpoints=None) -> CommandResult:
+    def parse(
+        cls, argv, env, returncode, seconds, raw_log: str, checkpoints=None, full_losses=None
+    ) -> CommandResult:
         log, losses, _ = parse_steps(raw_log)
-        return cls(list(argv), dict(env), returncode, seconds, log, losses, dict(checkpoints or {}))
+        return cls(
+            list(argv), dict(env), returncode, seconds, log, losses,
+            dict(checkpoints or {}), dict(full_losses or {}),
+        )  # fmt: skip
 
     def rank_losses(self, rank: int = 0) -> dict[int, float]:
         return self.losses.get(rank, {})
@@ -164,18 +172,19 @@ class RanksAgree(Check):
 
 @dataclass(frozen=True)
 class ResumeMatches(Check):
-    """A resumed command's losses equal the reference command's on every step both printed;
-    the resumed command must print at least ``min_steps`` steps, all also in the reference.
-    The printed losses have 5 decimals: ``atol`` covers their rounding only."""
+    """A resumed command's losses equal the reference command's on every step both logged,
+    exactly: at full precision from TensorBoard (both commands must have logged there); the
+    resumed command must log at least ``min_steps`` steps, all also in the reference."""
 
     resumed: int = 1
     reference: int = 0
     min_steps: int = 1
-    atol: float = 1e-5
 
     def __call__(self, results):
-        resumed = results[self.resumed].rank_losses(0)
-        reference = results[self.reference].rank_losses(0)
+        resumed = results[self.resumed].full_losses
+        reference = results[self.reference].full_losses
+        if not reference:
+            return [f"command {self.reference} logged no full-precision losses (TensorBoard)"]
         if len(resumed) < self.min_steps:
             return [f"command {self.resumed} printed {len(resumed)} steps (< {self.min_steps})"]
         extra = sorted(set(resumed) - set(reference))
@@ -183,9 +192,9 @@ class ResumeMatches(Check):
             return [f"command {self.resumed} printed steps {extra} the reference did not"]
         failures = []
         for step, loss in sorted(resumed.items()):
-            if not abs(loss - reference[step]) <= self.atol * (1 + 1e-6):
+            if loss != reference[step]:
                 failures.append(
-                    f"step {step}: resumed loss {loss} != uninterrupted loss {reference[step]}"
+                    f"step {step}: resumed loss {loss!r} != uninterrupted loss {reference[step]!r}"
                 )
         return failures
 
@@ -212,6 +221,6 @@ class CheckpointFolders(Check):
 
 
 def max_resume_difference(results: list[CommandResult], resumed: int, reference: int) -> float:
-    """Largest |loss difference| over the steps both commands printed (0 if none)."""
-    a, b = results[resumed].rank_losses(0), results[reference].rank_losses(0)
+    """Largest |loss difference| over the steps both commands logged at full precision."""
+    a, b = results[resumed].full_losses, results[reference].full_losses
     return max((abs(a[s] - b[s]) for s in set(a) & set(b)), default=0.0)

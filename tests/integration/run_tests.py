@@ -29,6 +29,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tests._training import tensorboard_scalars
 from tests.integration import OverrideDefinitions
 from tests.integration.checks import CommandResult
 from tests.integration.runs import RUNS
@@ -36,6 +37,7 @@ from tests.integration.runs import RUNS
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ENGINE_MISSING = "Meta's AutoParallel is not installed: pip install -e '.[autoparallel]'"
 EXIT_FAILED, EXIT_NONE_PASSED = 1, 5
+TB_LOSS_TAG = "loss_metrics/global_avg_loss"
 _LOG_TAIL_LINES = 60
 
 
@@ -168,6 +170,7 @@ def run_one(
     dump = Path(output_dir).resolve() / run.test_name
     dump.mkdir(parents=True, exist_ok=True)
     results: list[CommandResult] = []
+    seen_tb_files: set[Path] = set()
     start = time.perf_counter()
     for index in range(len(run.override_args)):
         argv, env = command(run, index, dump)
@@ -193,7 +196,19 @@ def run_one(
             )
         log_file.write_text(log)
         seconds = time.perf_counter() - t0
-        result = CommandResult.parse(argv, env, returncode, seconds, log, checkpoint_folders(dump))
+        # The commands of a run share <dump>/tb, and its run folders are named by the
+        # minute: this command's losses are in the event file it added.
+        tb_files = sorted((dump / "tb").rglob("events.out.tfevents.*"))
+        new_tb_files = [f for f in tb_files if f not in seen_tb_files]
+        seen_tb_files.update(new_tb_files)
+        full_losses = (
+            tensorboard_scalars(new_tb_files[-1], {"loss": TB_LOSS_TAG})["loss"]
+            if new_tb_files
+            else {}
+        )
+        result = CommandResult.parse(
+            argv, env, returncode, seconds, log, checkpoint_folders(dump), full_losses
+        )
         results.append(result)
         outcome.commands.append(
             {

@@ -42,7 +42,8 @@ def plan_lines(mesh: str, params: str, flop_share: str) -> tuple[str, ...]:
 
 
 # Deterministic checkpointed training for the kill-and-resume runs: 4 steps, full
-# checkpoints (the last one too) at steps 2 and 4, from seed 42.
+# checkpoints (the last one too) at steps 2 and 4, from seed 42; losses at full precision
+# in TensorBoard, for the exact comparison of the resumed steps.
 _CHECKPOINTED = [
     "--training.steps", "4",
     "--checkpoint.enable",
@@ -50,6 +51,7 @@ _CHECKPOINTED = [
     "--checkpoint.no-last-save-model-only",
     "--debug.seed", "42",
     "--debug.deterministic",
+    "--metrics.enable_tensorboard", "--metrics.save_tb_folder", "tb",
 ]  # fmt: skip
 
 # tests/faults/sitecustomize.py: SIGKILL while DCP writes step-4.
@@ -63,7 +65,7 @@ def _kill_and_resume(*extra: str) -> dict:
     """Two identical commands in one dump folder: the first is killed while it writes its
     step-4 checkpoint (after training step 4); the second resumes on its own, from the last
     complete checkpoint (step 2: torchtitan ignores step folders without .metadata), and
-    must repeat the first one's steps 3 and 4 exactly."""
+    must repeat the first one's steps 3 and 4 exactly (full-precision losses, bit for bit)."""
     args = [*_CHECKPOINTED, *extra]
     return {
         "override_args": [args, args],
