@@ -4,7 +4,9 @@ exit code and any abort text.
     python -m tests.soak OUTPUT_DIR [--runs 20] [--modes eager,compiled] [--steps 20]
 
 Each run is ``MODEL=llama3 CONFIG=llama3_debugmodel_autoparallel NGPU=2 ./run_train.sh``
-(``--compile.enable`` for compiled) with its own dump folder and log under OUTPUT_DIR.
+(``--compile.enable`` for compiled), rerun as a user reruns it: one dump folder per mode
+(OUTPUT_DIR/MODE, where compiled runs find the compile caches of the ones before), a log
+per run (OUTPUT_DIR/MODE-NN.log).
 A run passes when it exits 0 and its log has no abort text (a C++ terminate, a signal, a
 torchrun child failure). Prints one line per run and a summary per mode, writes
 OUTPUT_DIR/soak.json, and exits 1 unless every run passed. tests/test_soak.py runs a
@@ -51,7 +53,7 @@ class SoakRun:
 
 
 def run_once(mode: str, index: int, *, steps: int, output: Path) -> SoakRun:
-    dump = output / f"{mode}-{index:02d}"
+    dump = output / mode
     env = {
         **os.environ,
         "MODEL": "llama3",

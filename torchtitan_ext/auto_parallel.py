@@ -125,6 +125,11 @@ class AliasAwareAutoParallel(Configurable):
         that a second start of the same config reuses the compiled code. Relative paths are
         under dump_folder; empty keeps Inductor's default (TORCHINDUCTOR_CACHE_DIR)."""
 
+        all_reduce_bucket_mb: float = 25.0
+        """With --compile.enable: merge adjacent independent all-reduces (the gradients of a
+        DDP-like or HSDP plan) into buckets of at most this many MB, as torch DDP buckets its
+        gradients (25 MB). 0: one all-reduce per gradient, as planned."""
+
         dump_placements: bool = False
         """Write the solver's placements (placements.json, the placement_file format; and
         solution.txt, one line per graph node) to <dump_folder>/autoparallel/ on rank 0.
@@ -397,6 +402,7 @@ class AliasAwareAutoParallel(Configurable):
         graphs, after the overlap scheduler bucketed them.
         """
         from autoparallel.compile import autoparallel_backend
+        from torch._inductor import config as inductor_config
         from torch._inductor.fx_passes import overlap_scheduling
 
         cpu.install_compile_runtime()
@@ -416,6 +422,19 @@ class AliasAwareAutoParallel(Configurable):
 
         # Inductor imports the pass from this module each time it runs it.
         overlap_scheduling.schedule_overlap_bucketing_from_inductor_configs = recording_schedule
+        if self.config.all_reduce_bucket_mb > 0:
+            # The overlap scheduler buckets FSDP's all-gathers and reduce-scatters, but leaves
+            # every gradient all-reduce on its own (48 a step for the debug model's DDP-like
+            # plan, each a gloo round trip). Inductor's post-grad all-reduce bucketing pass is
+            # off by default and read at each compile, the lazy backward's too: set for the
+            # process, which compiles only this model.
+            # torch 2.14's greedy bucketing reads the cap of bucket 0 for every bucket, so
+            # DDP's smaller first bucket cannot be asked for. A module-level partial keeps the
+            # config picklable for Inductor's FX graph cache key.
+            inductor_config.bucket_all_reduces_fx = "all"
+            inductor_config.bucket_all_reduces_fx_bucket_size_determinator = functools.partial(
+                _bucket_cap_mb, self.config.all_reduce_bucket_mb
+            )
         self._compiled = True
         backend = autoparallel_backend(enable_ac=ac_config is not None, overlap_scheduling=True)
         parallel_model.compile(backend=backend, fullgraph=True)
@@ -719,6 +738,10 @@ def _constrain_matmuls(autop, *, axes: list[str], batch: int) -> None:
             functools.partial(allowed, ndim=value.dim()),
             name="parallel_matmul",
         )
+
+
+def _bucket_cap_mb(cap_mb: float, bucket: int) -> float:
+    return cap_mb
 
 
 def _keep_strategies(opt, node, keep, *, name: str) -> None:
