@@ -125,10 +125,10 @@ class AliasAwareAutoParallel(Configurable):
         that a second start of the same config reuses the compiled code. Relative paths are
         under dump_folder; empty keeps Inductor's default (TORCHINDUCTOR_CACHE_DIR)."""
 
-        all_reduce_bucket_mb: float = 25.0
+        all_reduce_bucket_mb: float = 4.0
         """With --compile.enable: merge adjacent independent all-reduces (the gradients of a
-        DDP-like or HSDP plan) into buckets of at most this many MB, as torch DDP buckets its
-        gradients (25 MB). 0: one all-reduce per gradient, as planned."""
+        DDP-like or HSDP plan) into buckets of at most this many MB, issued as their
+        gradients are ready. 0: one all-reduce per gradient, as planned."""
 
         dump_placements: bool = False
         """Write the solver's placements (placements.json, the placement_file format; and
@@ -427,7 +427,9 @@ class AliasAwareAutoParallel(Configurable):
             # every gradient all-reduce on its own (48 a step for the debug model's DDP-like
             # plan, each a gloo round trip). Inductor's post-grad all-reduce bucketing pass is
             # off by default and read at each compile, the lazy backward's too: set for the
-            # process, which compiles only this model.
+            # process, which compiles only this model. Debug model, 2 CPU ranks, 2 rounds:
+            # 1.62 s/step unbucketed, 1.52 at 4 MB (10 all-reduces), 1.66 at 25 MB (one
+            # bucket, issued after the last gradient).
             # torch 2.14's greedy bucketing reads the cap of bucket 0 for every bucket, so
             # DDP's smaller first bucket cannot be asked for. A module-level partial keeps the
             # config picklable for Inductor's FX graph cache key.
