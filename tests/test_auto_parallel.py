@@ -192,6 +192,7 @@ def test_replicate_mesh_gets_the_ddp_like_plan(two_fake_ranks, tmp_path):
     assert report.forward_flop_share == pytest.approx(0.5)
 
 
+@pytest.mark.slow  # a second plan of the debug model
 @pytest.mark.engine
 def test_no_reshard_after_forward_drops_the_backward_gathers(two_fake_ranks, tmp_path):
     config = parse("--parallelism.fsdp_reshard_after_forward", "never")

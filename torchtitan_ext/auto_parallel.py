@@ -424,11 +424,11 @@ class AliasAwareAutoParallel(Configurable):
         overlap_scheduling.schedule_overlap_bucketing_from_inductor_configs = recording_schedule
         if self.config.all_reduce_bucket_mb > 0:
             # The overlap scheduler buckets FSDP's all-gathers and reduce-scatters, but leaves
-            # every gradient all-reduce on its own (48 a step for the debug model's DDP-like
+            # every gradient all-reduce on its own (44 a step for the debug model's DDP-like
             # plan, each a gloo round trip). Inductor's post-grad all-reduce bucketing pass is
             # off by default and read at each compile, the lazy backward's too: set for the
             # process, which compiles only this model. Debug model, 2 CPU ranks, 2 rounds:
-            # 1.62 s/step unbucketed, 1.52 at 4 MB (10 all-reduces), 1.66 at 25 MB (one
+            # 1.62 s/step unbucketed, 1.52 at 4 MB (6 buckets), 1.66 at 25 MB (one
             # bucket, issued after the last gradient).
             # torch 2.14's greedy bucketing reads the cap of bucket 0 for every bucket, so
             # DDP's smaller first bucket cannot be asked for. A module-level partial keeps the
