@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from torchtitan.distributed import ParallelDims
 
 from tests._training import REPO_ROOT
 from torchtitan_ext import launch
@@ -129,7 +130,7 @@ def plan_keys() -> dict[str, dict]:
 
     def key(*args: str, config: str = "llama3_debugmodel_autoparallel", world_size: int = 2):
         parsed = launch.parse_config("config_registry", config, list(args))
-        return plan_key_of(parsed, world_size=world_size)
+        return plan_key_of(parsed, ParallelDims.from_config(parsed.parallelism, world_size))
 
     return {
         "this run": key(),

@@ -211,7 +211,7 @@ class AliasAwareAutoParallel(Configurable):
         axes = mesh_axes(parallel_dims, spmd_backend=parallelism.spmd_backend)
         mesh = parallel_dims.get_mesh(list(axes) if len(axes) > 1 else next(iter(axes)))
         assert tuple(mesh.shape) == tuple(axes.values()), (mesh.shape, axes)
-        batch = training.local_batch_size * parallel_dims.dp_replicate * parallel_dims.dp_shard
+        batch = global_batch(training, parallel_dims)
         vocab_size = model.config.vocab_size
         mesh_device = torch.device(mesh.device_type)
 
@@ -254,12 +254,10 @@ class AliasAwareAutoParallel(Configurable):
             placement_path=placement_path(self.config, dump_folder),
             key=plan_key(
                 model_config=model.config,
-                axes=axes,
-                batch=batch,
+                parallel_dims=parallel_dims,
                 training=training,
                 parallelism=parallelism,
                 config=self.config,
-                memory_bounds=(low, high),
             ),
         )
 
@@ -544,10 +542,12 @@ def placement_path(config: AliasAwareAutoParallel.Config, dump_folder: str) -> s
     return path
 
 
-def plan_key(
-    *, model_config, axes: dict[str, int], batch: int, training, parallelism, config,
-    memory_bounds: tuple[float, float],
-) -> dict:  # fmt: skip
+def global_batch(training, parallel_dims) -> int:
+    """Rows of one microbatch over all data-parallel ranks."""
+    return training.local_batch_size * parallel_dims.dp_replicate * parallel_dims.dp_shard
+
+
+def plan_key(*, model_config, parallel_dims, training, parallelism, config) -> dict:
     """What a solution is valid for: the model (its config, after update_from_config), the
     mesh, the global input shapes, the dtypes, the constraints, and the engine versions.
     Written into placement files; a file whose key differs is refused."""
@@ -556,15 +556,15 @@ def plan_key(
     return {
         "model": f"{type(model_config).__qualname__} "
         f"{hashlib.sha256(model.encode()).hexdigest()[:16]}",
-        "mesh": dict(axes),
-        "inputs": [batch, training.seq_len],
+        "mesh": mesh_axes(parallel_dims, spmd_backend=parallelism.spmd_backend),
+        "inputs": [global_batch(training, parallel_dims), training.seq_len],
         "dtypes": {
             "param": training.mixed_precision_param,
             "reduce": training.mixed_precision_reduce,
             "model": training.dtype,
         },
         "reshard_after_forward": parallelism.fsdp_reshard_after_forward,
-        "param_memory": list(memory_bounds),
+        "param_memory": list(memory_bounds(config, parallel_dims)),
         "parallel_matmuls": config.parallel_matmuls,
         "torch": torch.__version__,
         "autoparallel": AUTOPARALLEL_COMMIT,
@@ -603,37 +603,28 @@ def check_placement_file(path: str, key: dict) -> None:
         raise ValueError(f"placement file {path} was solved for {was}; this run has {now}: {fix}")
 
 
-def check_before_launch(config, *, world_size: int) -> None:
+def check_before_launch(config, parallel_dims) -> None:
     """What would otherwise fail only after every rank started, checked on the parsed
-    config (run_train.sh runs this before torchrun): the degrees are ones AutoParallel
-    plans, the engine is installed, and a placement file was solved for this very plan.
-    Raises ValueError or ImportError naming the problem and the fix."""
-    from torchtitan.distributed import ParallelDims
-
-    check_parallel_dims(ParallelDims.from_config(config.parallelism, world_size))
+    config and its ParallelDims (run_train.sh runs this before torchrun): the degrees are
+    ones AutoParallel plans, the engine is installed, and a placement file was solved for
+    this very plan. Raises ValueError or ImportError naming the problem and the fix."""
+    check_parallel_dims(parallel_dims)
     require_autoparallel()
     path = placement_path(config.autoparallel, config.dump_folder)
     if path and os.path.exists(path):
-        check_placement_file(path, plan_key_of(config, world_size=world_size))
+        check_placement_file(path, plan_key_of(config, parallel_dims))
 
 
-def plan_key_of(config, *, world_size: int) -> dict:
+def plan_key_of(config, parallel_dims) -> dict:
     """plan_key() of an AutoParallelTrainer.Config, as the component computes it on the
     ranks. Updates the model config from the trainer config, as the Trainer does."""
-    from torchtitan.distributed import ParallelDims
-
-    parallel_dims = ParallelDims.from_config(config.parallelism, world_size)
     config.model_spec.model.update_from_config(config=config)
     return plan_key(
         model_config=config.model_spec.model,
-        axes=mesh_axes(parallel_dims, spmd_backend=config.parallelism.spmd_backend),
-        batch=config.training.local_batch_size
-        * parallel_dims.dp_replicate
-        * parallel_dims.dp_shard,
+        parallel_dims=parallel_dims,
         training=config.training,
         parallelism=config.parallelism,
         config=config.autoparallel,
-        memory_bounds=memory_bounds(config.autoparallel, parallel_dims),
     )
 
 

@@ -117,9 +117,8 @@ def check(config, *, world_size: int) -> None:
 
     from torchtitan_ext.trainer import AutoParallelTrainer
 
-    p = config.parallelism
     try:
-        ParallelDims.from_config(p, world_size)
+        parallel_dims = ParallelDims.from_config(config.parallelism, world_size)
     except AssertionError as e:
         raise ValueError(
             f"the parallelism degrees do not fit NGPU={world_size} ({e}): set NGPU to their "
@@ -128,7 +127,7 @@ def check(config, *, world_size: int) -> None:
     if isinstance(config, AutoParallelTrainer.Config) and config.parallelize == "autoparallel":
         from torchtitan_ext.auto_parallel import check_before_launch
 
-        check_before_launch(config, world_size=world_size)
+        check_before_launch(config, parallel_dims)
 
 
 def default_ranks() -> int:

@@ -159,14 +159,18 @@ class Trainer(TitanTrainer):
             json.dump(self._state_bytes, f)
 
     def _dump_gradients(self) -> None:
-        # full_tensor() gathers sharded gradients: every rank must take part.
+        # full_tensor() gathers sharded gradients: every rank must take part. Alias names
+        # of one parameter share its gathered gradient (gathered once).
         grads = {}
+        gathered: dict[int, torch.Tensor | None] = {}
         for part in self.model_parts:
             for fqn, param in part.named_parameters(remove_duplicate=False):
-                grad = param.grad
-                if isinstance(grad, DTensor):
-                    grad = grad.full_tensor()
-                grads[fqn] = None if grad is None else grad.detach().cpu()
+                if id(param) not in gathered:
+                    grad = param.grad
+                    if isinstance(grad, DTensor):
+                        grad = grad.full_tensor()
+                    gathered[id(param)] = None if grad is None else grad.detach().cpu()
+                grads[fqn] = gathered[id(param)]
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
             folder = os.path.join(self.config.dump_folder, "grads")
             os.makedirs(folder, exist_ok=True)
