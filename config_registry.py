@@ -16,9 +16,10 @@ from __future__ import annotations
 from torchtitan.components.loss import CrossEntropyLoss
 from torchtitan.config import CompileConfig
 from torchtitan.models.common.config_utils import decoder_vocab_size
+from torchtitan.models.deepseek_v3.config_registry import deepseek_v3_16b, deepseek_v3_debugmodel
 from torchtitan.models.llama3 import model_registry as llama3_model
 from torchtitan.models.llama3.config_registry import llama3_8b, llama3_debugmodel
-from torchtitan.models.qwen3.config_registry import qwen3_0_6b
+from torchtitan.models.qwen3.config_registry import qwen3_0_6b, qwen3_30b_a3b, qwen3_moe_debug
 
 from torchtitan_ext import cpu
 from torchtitan_ext.assets import ensure_assets, use_bundled_assets_if_missing
@@ -105,3 +106,41 @@ def llama3_8b_autoparallel() -> AutoParallelTrainer.Config:
 def qwen3_0_6b_autoparallel() -> AutoParallelTrainer.Config:
     """torchtitan's qwen3_0_6b (tied embeddings) through AutoParallel."""
     return _large(qwen3_0_6b())
+
+
+def _moe_debug(config) -> AutoParallelTrainer.Config:
+    """A torchtitan MoE debug config through AutoParallel, cut to its first 2 layers (the
+    second is an MoE layer in both debug models) so a step takes seconds on 2 CPU cores.
+    torchtitan's own MoE parallelization (EP) trains the same model from the same config
+    with --parallelism.expert_parallel_degree."""
+    config = _debug(_for_autoparallel(config), AutoParallelTrainer.Config)
+    model = config.model_spec.model
+    model.layers = model.layers[:2]
+    return config
+
+
+def qwen3_moe_debug_autoparallel() -> AutoParallelTrainer.Config:
+    """torchtitan's Qwen3 MoE debug model (64 experts, top 8) through AutoParallel, with tied
+    embeddings so the alias path runs with the router's buffers."""
+    config = _moe_debug(qwen3_moe_debug())
+    config.model_spec.model.enable_weight_tying = True
+    return config
+
+
+def deepseek_v3_debugmodel_autoparallel() -> AutoParallelTrainer.Config:
+    """torchtitan's DeepSeek-V3 debug model (MLA attention, a dense first layer, shared
+    experts, expert-bias routing) through AutoParallel."""
+    return _moe_debug(deepseek_v3_debugmodel())
+
+
+def qwen3_30b_a3b_autoparallel() -> AutoParallelTrainer.Config:
+    """torchtitan's qwen3_30b_a3b (128 experts, top 8) through AutoParallel."""
+    return _large(qwen3_30b_a3b())
+
+
+def deepseek_v3_16b_autoparallel() -> AutoParallelTrainer.Config:
+    """torchtitan's deepseek_v3_16b (64 experts, top 6, 2 shared) through AutoParallel.
+    torchtitan's recipe pipelines it; AutoParallel plans it without pipeline stages."""
+    config = _large(deepseek_v3_16b())
+    config.parallelism.pipeline_parallel_schedule = "1F1B"
+    return config

@@ -104,6 +104,57 @@ def test_expand_of_a_sharded_singleton_dim_on_one_rank(one_rank_group):
 
 
 @pytest.mark.engine  # install_autoparallel_runtime imports AutoParallel
+def test_strict_view_of_a_dim_sharded_on_one_rank_falls_back(one_rank_group):
+    """Gap 2b: aten.view merging a dim sharded on a 1-rank mesh raised instead of falling
+    back to replicate (the solver's enumeration stopped on DeepSeek-V3's attention)."""
+    cpu.install_autoparallel_runtime()
+    mesh = init_device_mesh("cpu", (1,))
+    # A size-1 dim removed by a view: "would remove or reshape sharded dimension 1" before.
+    x = distribute_tensor(torch.randn(4, 1, 8), mesh, [Shard(1)])
+    y = x.view(4, 8)
+    torch.testing.assert_close(y.full_tensor(), x.full_tensor().view(4, 8))
+
+
+def test_moe_experts_compute_in_float32():
+    """torchtitan's GroupedExperts casts to bf16; on CPU the configs use Float32GroupedExperts,
+    with the same parameters, and its meta kernel lets fake tensors (tracing) through."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torchtitan.models.common.moe import GroupedExperts
+    from torchtitan.models.qwen3.config_registry import qwen3_moe_debug
+
+    config = qwen3_moe_debug()
+    cpu.adapt_config(config)
+    cpu.adapt_config(config)  # idempotent
+    experts = [c for *_, c in _configs(config.model_spec.model, GroupedExperts.Config)]
+    assert experts and all(type(c) is cpu.Float32GroupedExperts.Config for c in experts)
+
+    torch.manual_seed(0)
+    module = cpu.Float32GroupedExperts(
+        cpu.Float32GroupedExperts.Config(dim=8, hidden_dim=16, num_experts=3)
+    )
+    stock = GroupedExperts(GroupedExperts.Config(dim=8, hidden_dim=16, num_experts=3))
+    assert [n for n, _ in module.named_parameters()] == [n for n, _ in stock.named_parameters()]
+    for p in module.parameters():
+        torch.nn.init.normal_(p)
+    x, counts = torch.randn(10, 8), torch.tensor([3, 4, 3])
+    out = module(x, counts)
+    assert out.dtype == torch.float32
+    rows = torch.split(x, counts.tolist())
+    silu = torch.nn.functional.silu
+    w1, w2, w3 = module.w1_EFD, module.w2_EDF, module.w3_EFD
+    want = torch.cat([(silu(r @ w1[e].T) * (r @ w3[e].T)) @ w2[e].T for e, r in enumerate(rows)])
+    torch.testing.assert_close(out, want)
+    cpu.install_runtime()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        assert module(torch.randn(10, 8), counts).shape == (10, 8)
+
+
+def _configs(model_config, config_type):
+    for _, _, parent, attr in model_config.traverse(config_type):
+        yield parent, attr, (parent[attr] if isinstance(parent, list) else getattr(parent, attr))
+
+
+@pytest.mark.engine  # install_autoparallel_runtime imports AutoParallel
 def test_cpu_flash_attention_strategies_registered():
     from torch.distributed.tensor import DTensor
 

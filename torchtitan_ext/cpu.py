@@ -24,11 +24,16 @@ import os
 import platform
 import resource
 import sys
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torchtitan.models.common.moe import GroupedExperts
 from torchtitan.tools.logging import logger
+
+from torchtitan_ext.moe import grouped_experts
 
 _runtime_installed = False
 _autoparallel_installed = False
@@ -57,10 +62,51 @@ def adapt_config(config) -> None:
     # FlexAttention has no CPU backward kernel: use SDPA (causal) instead.
     if config.model_spec is not None:
         use_sdpa_attention(config.model_spec.model)
+    # GroupedExperts (MoE) casts its inputs and weights to bf16 whatever the training dtype;
+    # on CPU compute the experts in float32, as everything else.
+    if config.model_spec is not None:
+        use_float32_grouped_experts(config.model_spec.model)
     # gloo rejects FSDP's PREMUL_SUM reduce-scatter; torchtitan's own FSDP path needs plain
     # SUM (then divide). AutoParallel's plans use sum/avg only and need nothing here.
     if config.model_spec is not None:
         config.model_spec.parallelize_fn = _with_sum_reduction(config.model_spec.parallelize_fn)
+
+
+class Float32GroupedExperts(GroupedExperts):
+    """torchtitan's GroupedExperts computing in its input's dtype instead of bf16.
+
+    torchtitan 0.3.0's GroupedExperts casts tokens and expert weights to bf16 before every
+    grouped matmul, so an MoE model never trains in float32 (and its losses cannot be
+    compared at 1e-5 between parallelisms). CPU ``torch._grouped_mm`` takes float32. Same
+    parameters, names and initialization; only the casts are gone.
+    """
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(GroupedExperts.Config):
+        pass
+
+    def forward(self, x_RD: torch.Tensor, num_tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        # DTensor weights (torchtitan's EP) become local, as in GroupedExperts.forward.
+        w1_EFD, w2_EDF, w3_EFD = (
+            w.to_local() if isinstance(w, DTensor) else w
+            for w in (self.w1_EFD, self.w2_EDF, self.w3_EFD)
+        )
+        return grouped_experts(
+            x_RD, num_tokens_per_expert_E, w1_EFD, w2_EDF, w3_EFD, compute_dtype=None
+        )
+
+
+def use_float32_grouped_experts(model_config) -> None:
+    """Replace every stock GroupedExperts config in a model config tree with
+    Float32GroupedExperts', in place. Idempotent; leaves other expert variants alone."""
+    from torchtitan_ext.models import config_values, replace_configs
+
+    def replace(config):
+        if type(config) is not GroupedExperts.Config:
+            return config
+        return Float32GroupedExperts.Config(**config_values(config))
+
+    replace_configs(model_config, GroupedExperts.Config, replace)
 
 
 def _with_sum_reduction(parallelize_fn):
@@ -161,11 +207,50 @@ def install_runtime() -> None:
     assert tt_utils.device_type == "cpu"
     metrics.build_device_memory_monitor = _build_cpu_memory_monitor
     dist_utils.set_pg_timeouts = _set_pg_timeouts_cpu
+    _allow_float32_grouped_mm_in_tracing()
     _runtime_installed = True
     logger.info(
         "torchtitan_ext CPU support: no accelerator, training on CPU with gloo "
-        "(float32, SDPA attention, FSDP sum reduction, RSS memory stats)"
+        "(float32, SDPA attention, float32 grouped experts, FSDP sum reduction, "
+        "RSS memory stats)"
     )
+
+
+def _allow_float32_grouped_mm_in_tracing() -> None:
+    # torch 2.14's meta kernel of aten._grouped_mm copies the CUDA kernel's checks and refuses
+    # float32 ("Expected mat_a to be BFloat16"), while the CPU kernel computes float32. Fake
+    # tensors (AutoParallel's tracing, torch.compile) then fail on Float32GroupedExperts.
+    # Give unscaled float32 grouped matmuls the meta kernel's own output allocation; the
+    # CPU kernel still checks shapes and offsets when it runs.
+    import torch._meta_registrations as meta_registrations
+
+    checked_common = meta_registrations._meta_grouped_mm_common
+
+    def meta_grouped_mm_common(
+        mat_a,
+        mat_b,
+        scale_a,
+        scale_b,
+        offs=None,
+        bias=None,
+        scale_result=None,
+        out_dtype=None,
+        use_fast_accum=False,
+    ):
+        if scale_a is None and mat_a.dtype == mat_b.dtype == torch.float32:
+            torch._check(bias is None, lambda: "grouped_mm: bias is not supported")
+            torch._check(
+                out_dtype in (None, torch.float32),
+                lambda: f"grouped_mm: float32 inputs give float32, not {out_dtype}",
+            )
+            return meta_registrations._create_grouped_mm_output_tensor(
+                mat_a, mat_b, offs, torch.float32
+            )
+        return checked_common(
+            mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result, out_dtype, use_fast_accum
+        )
+
+    meta_registrations._meta_grouped_mm_common = meta_grouped_mm_common
 
 
 def skip_interpreter_teardown_after_success() -> None:
@@ -211,6 +296,7 @@ def install_autoparallel_runtime() -> None:
     if _autoparallel_installed or not use_cpu():
         return
     import autoparallel.cost_models.compute_estimation as compute_estimation
+    from torch.distributed.tensor import Shard
     from torch.distributed.tensor._ops._view_ops import Broadcast, _ViewShardingPropagator
 
     # Gap 1: the compute cost model finds its device limits by the CUDA device name and
@@ -233,6 +319,21 @@ def install_autoparallel_runtime() -> None:
         return original_analyze_dim(self, cmd)
 
     _ViewShardingPropagator._analyze_dim = analyze_dim
+
+    # Gap 2b (1-rank meshes only): a strict view (aten.view) that reshapes a dim sharded on a
+    # size-1 mesh dim raises ("would remove or reshape sharded dimension") instead of
+    # falling back, and the solver's enumeration stops there (DeepSeek-V3's attention on 1
+    # rank). On a 1-rank mesh dim a Shard holds the whole tensor, so the fallback to
+    # Replicate is exact: allow it for those mesh dims.
+    original_analyze = _ViewShardingPropagator.analyze
+
+    def analyze(self):
+        for mesh_dim, placement in enumerate(self.input_src_placements):
+            if self.mesh_sizes[mesh_dim] == 1 and isinstance(placement, Shard):
+                self.strict_replicate_fallback.add((placement.dim, mesh_dim))
+        return original_analyze(self)
+
+    _ViewShardingPropagator.analyze = analyze
 
     # Gap 3: DTensor has sharding strategies for the CUDA SDPA kernels but none for the CPU
     # flash kernel, so the solver could only replicate attention (the full batch on every

@@ -10,6 +10,22 @@ from torchtitan.models.common.attention import FlexAttention, ScaledDotProductAt
 from torchtitan.models.llama3.model import Llama3Model
 
 
+def replace_configs(model_config, config_type: type, replace) -> None:
+    """In a model config tree, replace each ``config_type`` config ``c`` by ``replace(c)``,
+    in place (``replace`` returns ``c`` itself to keep it)."""
+    for _, _, parent, attr in list(model_config.traverse(config_type)):
+        if isinstance(parent, list):
+            parent[attr] = replace(parent[attr])
+        else:
+            setattr(parent, attr, replace(getattr(parent, attr)))
+
+
+def config_values(config) -> dict:
+    """A config dataclass's field values, to build a subclass config from
+    (dataclasses.fields() skips Configurable's _owner ClassVar)."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
 def use_sdpa_attention(model_config) -> None:
     """Replace every FlexAttention in a model config tree with causal SDPA, in place.
 
@@ -20,11 +36,9 @@ def use_sdpa_attention(model_config) -> None:
     the whole sequence: documents packed in one sequence attend across their boundaries
     (RoPE still uses per-document positions). Idempotent.
     """
-    for _, _, parent, attr in list(model_config.traverse(FlexAttention.Config)):
-        if isinstance(parent, list):
-            parent[attr] = ScaledDotProductAttention.Config()
-        else:
-            setattr(parent, attr, ScaledDotProductAttention.Config())
+    replace_configs(
+        model_config, FlexAttention.Config, lambda _: ScaledDotProductAttention.Config()
+    )
 
 
 class SharedRoPELlama3Model(Llama3Model):
@@ -40,9 +54,7 @@ class SharedRoPELlama3Model(Llama3Model):
     class Config(Llama3Model.Config):
         @classmethod
         def from_llama3(cls, config: Llama3Model.Config) -> SharedRoPELlama3Model.Config:
-            # dataclasses.fields() skips Configurable's _owner ClassVar.
-            values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-            return cls(**values)
+            return cls(**config_values(config))
 
     def __init__(self, config: Config):
         super().__init__(config)

@@ -1,0 +1,221 @@
+"""Expert parallelism planned by AutoParallel on torchtitan's own MoE modules.
+
+torchtitan's ``RoutedExperts`` (token dispatch, grouped experts, combine) works on local
+tensors once its routing is known; which tokens reach which rank depends on the data, so no
+DTensor placement describes it. AutoParallel's answer is a ``local_map`` region: the solver
+plans everything around it (attention, router, shared experts, the dense layers) and treats
+the region as one op with fixed input and output placements. Inside, tokens go to the ranks
+holding their experts through AutoParallel's ``all_to_all`` (which carries the backward):
+
+- in: tokens, routing scores and expert ids sharded on the batch over every data axis;
+  expert weights ``Shard(0)`` (whole experts, 1/ep of them per rank) on the ``ep`` axis;
+- out: the combined tokens, sharded as they came in.
+
+``enable_expert_parallel`` turns every ``RoutedExperts`` of a model into this region before
+AutoParallel traces it; it changes no parameter, buffer or name, so state_dicts and
+checkpoints stay torchtitan's. The dispatcher is torchtitan's ``AllToAllTokenDispatcher``
+with its exchanges through AutoParallel; its reorder, permute and combine are torchtitan's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DeviceMesh, Replicate, Shard
+from torchtitan.models.common.moe import GroupedExperts, RoutedExperts
+from torchtitan.models.common.token_dispatcher import (
+    AllToAllDispatchMetadata,
+    AllToAllTokenDispatcher,
+    LocalTokenDispatcher,
+)
+
+# The mesh axes tokens are sharded on (every data-parallel axis; tp replicates them).
+EP_DATA_AXES = ("dp_replicate", "efsdp", "ep")
+
+
+def grouped_experts(
+    x_RD: torch.Tensor,
+    num_tokens_per_expert_E: torch.Tensor,
+    w1_EFD: torch.Tensor,
+    w2_EDF: torch.Tensor,
+    w3_EFD: torch.Tensor,
+    *,
+    compute_dtype: torch.dtype | None,
+) -> torch.Tensor:
+    """torchtitan's GroupedExperts computation (SwiGLU over grouped matmuls) on plain
+    tensors; ``compute_dtype`` None computes in the input's dtype, bf16 as torchtitan does."""
+    offsets_E = torch.cumsum(num_tokens_per_expert_E, dim=0, dtype=torch.int32)
+    dtype = compute_dtype or x_RD.dtype
+    x, w1, w2, w3 = (t.to(dtype) for t in (x_RD, w1_EFD, w2_EDF, w3_EFD))
+    h_RF = F.silu(torch._grouped_mm(x, w1.transpose(-2, -1), offs=offsets_E))
+    h_RF = h_RF * torch._grouped_mm(x, w3.transpose(-2, -1), offs=offsets_E)
+    return torch._grouped_mm(h_RF, w2.transpose(-2, -1), offs=offsets_E).type_as(x_RD)
+
+
+class LocalMapTokenDispatcher(AllToAllTokenDispatcher):
+    """torchtitan's all-to-all token dispatcher inside a ``local_map`` region planned by
+    AutoParallel: torchtitan's reorder, permute, unpermute and combine, with the count and
+    token exchanges through AutoParallel's ``all_to_all`` on a named mesh axis.
+
+    torchtitan's own dispatch asks its SPMD backend for the current mesh (thread-local
+    state Dynamo cannot trace) and exchanges with functional collectives that have no
+    backward once traced (its EP runs them eagerly, under its own autograd)."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(AllToAllTokenDispatcher.Config):
+        axis_name: str = "ep"
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        self.axis_name = config.axis_name
+
+    def init_buffer(self) -> None:
+        pass
+
+    def dispatch(self, x_TD, topk_scores_TK, topk_expert_ids_TK, num_local_tokens_per_expert_E):
+        from autoparallel.collectives import all_to_all
+
+        assert self.ep_mesh is not None, "wire_meshes() first"
+        ep_size = self.ep_mesh.size()
+        routed_input_ND, token_indices_N, topk_scores_N = self._local_reorder(
+            x_TD, topk_scores_TK, topk_expert_ids_TK
+        )
+        with torch.no_grad():
+            counts_EP_e = all_to_all(
+                num_local_tokens_per_expert_E.view(ep_size, -1), None, None, self.axis_name
+            )
+            counts_E, input_splits, output_splits = self._sync_token_count_exchange(
+                num_local_tokens_per_expert_E, counts_EP_e, ep_size
+            )
+        routed_input_RD = all_to_all(routed_input_ND, output_splits, input_splits, self.axis_name)
+        input_shape, routed_input_RD, permuted_indices, counts_e = self._permute(
+            routed_input_RD, counts_E
+        )
+        metadata = AllToAllDispatchMetadata(
+            token_indices_experts_sorted_N=token_indices_N,
+            topk_scores_experts_sorted_N=topk_scores_N,
+            input_shape=input_shape,
+            permuted_indices=permuted_indices,
+            input_splits=input_splits,
+            output_splits=output_splits,
+        )
+        return routed_input_RD, counts_e, metadata
+
+    def combine(self, routed_output_RD, metadata, x_TD):
+        from autoparallel.collectives import all_to_all
+
+        routed_output_RD = self._unpermute(
+            routed_output_RD, metadata.input_shape, metadata.permuted_indices
+        )
+        routed_output_ND = all_to_all(
+            routed_output_RD, metadata.input_splits, metadata.output_splits, self.axis_name
+        )
+        # Score and scatter_add into the tokens, as without EP.
+        return LocalTokenDispatcher.combine(self, routed_output_ND, metadata, x_TD)
+
+
+class LocalMapRoutedExperts(RoutedExperts):
+    """torchtitan's RoutedExperts run as one ``local_map`` region (see the module
+    docstring). Made from a built RoutedExperts by ``enable_expert_parallel``: same
+    parameters and names."""
+
+    mesh: DeviceMesh
+    axes: tuple[str, ...]
+    compute_dtype: torch.dtype | None
+    """The experts' matmul dtype: bf16 as torchtitan's GroupedExperts, None (the input's)
+    for torchtitan_ext.cpu.Float32GroupedExperts."""
+
+    def forward(
+        self,
+        x_BLD: torch.Tensor,
+        topk_scores_BLK: torch.Tensor,
+        topk_expert_ids_BLK: torch.Tensor,
+        num_local_tokens_per_expert_E: torch.Tensor,
+    ) -> torch.Tensor:
+        from autoparallel.collectives import local_map
+
+        # The counts torchtitan passes are over the whole batch; the region counts its own
+        # tokens. Tensors go in as arguments: local_map maps only those.
+        del num_local_tokens_per_expert_E
+        experts = self.inner_experts
+        compute_dtype = self.compute_dtype
+        dispatcher = self.token_dispatcher
+        num_experts = experts.num_experts
+
+        def region(x_BLD, topk_scores_BLK, topk_expert_ids_BLK, w1_EFD, w2_EDF, w3_EFD):
+            B, L, D = x_BLD.shape
+            K = topk_scores_BLK.size(-1)
+            x_TD = x_BLD.reshape(B * L, D)
+            ids_N = topk_expert_ids_BLK.reshape(-1)
+            # Tokens per expert on this rank (torch.histc has no int64 kernel on CPU).
+            counts_E = torch.zeros(num_experts, dtype=torch.int64, device=ids_N.device)
+            counts_E = counts_E.scatter_add(0, ids_N, torch.ones_like(ids_N))
+            routed_RD, counts_e, metadata = dispatcher.dispatch(
+                x_TD, topk_scores_BLK.reshape(B * L, K), topk_expert_ids_BLK.reshape(B * L, K),
+                counts_E,
+            )  # fmt: skip
+            routed_RD = grouped_experts(
+                routed_RD, counts_e, w1_EFD, w2_EDF, w3_EFD, compute_dtype=compute_dtype
+            )
+            return dispatcher.combine(routed_RD, metadata, x_TD).view(B, L, D)
+
+        tokens = tuple(Shard(0) if axis in EP_DATA_AXES else Replicate() for axis in self.axes)
+        experts_placement = tuple(Shard(0) if axis == "ep" else Replicate() for axis in self.axes)
+        return local_map(
+            region,
+            out_placements=(tokens,),
+            in_placements=(tokens, tokens, tokens, *(experts_placement,) * 3),
+            redistribute_inputs=True,
+            device_mesh=self.mesh,
+        )(
+            x_BLD, topk_scores_BLK, topk_expert_ids_BLK,
+            experts.w1_EFD, experts.w2_EDF, experts.w3_EFD,
+        )  # fmt: skip
+
+
+def enable_expert_parallel(model: nn.Module, *, mesh: DeviceMesh, axes: tuple[str, ...]) -> int:
+    """Make every RoutedExperts of ``model`` a LocalMapRoutedExperts on ``mesh`` (whose
+    axes are ``axes``, one named "ep"), in place, before AutoParallel traces the model.
+    Returns the number of MoE layers changed. ValueError for experts we cannot split."""
+    from torch._higher_order_ops.local_map import LocalMapHOP
+
+    from torchtitan_ext.cpu import Float32GroupedExperts
+
+    # AutoParallel a54c252 recognizes a local_map node by "call_local_map" in str(target)
+    # (torch's earlier local_map function); torch 2.14 traces it as LocalMapHOP, whose str
+    # is the default object repr, so the solver asserts. Name the HOP as AutoParallel reads.
+    LocalMapHOP.__str__ = lambda hop: f"call_local_map[{hop.name()}]"
+
+    assert "ep" in axes, axes
+    ep = mesh.size(axes.index("ep"))
+    changed = 0
+    for fqn, module in model.named_modules():
+        if not isinstance(module, RoutedExperts):
+            continue
+        experts = module.inner_experts
+        if type(experts) not in (GroupedExperts, Float32GroupedExperts):
+            raise ValueError(
+                f"{fqn}.inner_experts is a {type(experts).__qualname__}; expert parallelism "
+                "through AutoParallel runs torchtitan's GroupedExperts (w1/w2/w3) only"
+            )
+        if experts.num_experts % ep:
+            raise ValueError(
+                f"{fqn}: {experts.num_experts} experts do not split over "
+                f"--parallelism.expert_parallel_degree {ep}"
+            )
+        old = module.token_dispatcher
+        module.token_dispatcher = LocalMapTokenDispatcher(
+            LocalMapTokenDispatcher.Config(num_experts=old.num_experts, top_k=old.top_k)
+        )
+        module.token_dispatcher.wire_meshes(ep_mesh=mesh["ep"] if len(axes) > 1 else mesh)
+        # A class swap, as FSDP2's fully_shard does: the module keeps its parameters,
+        # buffers, hooks and names; only forward changes.
+        module.__class__ = LocalMapRoutedExperts
+        module.mesh = mesh
+        module.axes = axes
+        module.compute_dtype = None if type(experts) is Float32GroupedExperts else torch.bfloat16
+        changed += 1
+    return changed
