@@ -178,6 +178,64 @@ def test_placement_file_is_saved_then_loaded_without_a_solve(fsdp_like, monkeypa
     assert {n: p.placements for n, p in loaded.named_parameters()} == placements
 
 
+# --- expert parallelism: the regions and the mesh, before any tracing ---
+
+MOE = "qwen3_moe_debug_autoparallel"
+
+
+def test_expert_parallel_regions_keep_parameters_buffers_and_names(two_fake_ranks):
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from torchtitan_ext.moe import (
+        LocalMapRoutedExperts,
+        LocalMapTokenDispatcher,
+        enable_expert_parallel,
+    )
+
+    config = parse("--parallelism.expert_parallel_degree", "2", config=MOE)
+    with torch.device("meta"):
+        model = config.model_spec.model.build()
+    before = names(model)
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("ep",))
+    assert enable_expert_parallel(model, mesh=mesh, axes=("ep",)) == 2
+    assert names(model) == before
+    after = dict(model.named_parameters()) | dict(model.named_buffers())
+    assert all(after[name] is tensor for name, tensor in tensors.items())
+    for layer in model.layers.values():
+        routed = layer.moe.routed_experts
+        assert type(routed) is LocalMapRoutedExperts
+        assert type(routed.token_dispatcher) is LocalMapTokenDispatcher
+        assert routed.token_dispatcher.ep_mesh.size() == 2
+        assert routed.compute_dtype is None  # on CPU: Float32GroupedExperts, float32
+
+    with torch.device("meta"):
+        odd = config.model_spec.model.build()
+    odd.layers["1"].moe.routed_experts.inner_experts.num_experts = 3
+    with pytest.raises(ValueError, match=r"layers\.1\.moe\.routed_experts: 3 experts do not split"):
+        enable_expert_parallel(odd, mesh=mesh, axes=("ep",))
+
+
+def test_expert_parallel_plans_on_torchtitans_sparse_mesh():
+    from torchtitan.distributed import ParallelDims
+
+    from torchtitan_ext.auto_parallel import check_parallel_dims, mesh_axes
+
+    def axes(world: int, *flags: str) -> dict[str, int]:
+        dims = ParallelDims.from_config(parse(*flags, config=MOE).parallelism, world)
+        check_parallel_dims(dims)
+        return mesh_axes(dims, spmd_backend="spmd_types")
+
+    ep2 = ("--parallelism.expert_parallel_degree", "2")
+    assert axes(2, *ep2) == {"ep": 2}
+    assert axes(8, *ep2, "--parallelism.data_parallel_shard_degree", "8") == {"efsdp": 4, "ep": 2}
+    assert axes(
+        8, *ep2, "--parallelism.data_parallel_replicate_degree", "2",
+        "--parallelism.data_parallel_shard_degree", "4",
+    ) == {"dp_replicate": 2, "efsdp": 2, "ep": 2}  # fmt: skip
+
+
 @pytest.mark.engine
 def test_replicate_mesh_gets_the_ddp_like_plan(two_fake_ranks, tmp_path):
     config = parse(

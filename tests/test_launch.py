@@ -72,8 +72,19 @@ BAD_FLAGS = {
     "degree-autoparallel-does-not-plan": (
         ("--parallelism.context_parallel_degree", "2",
          "--parallelism.data_parallel_shard_degree", "1"),
-        ("plans data and tensor parallelism only, not --parallelism.context_parallel_degree 2",
-         "--parallelize torchtitan"),
+        ("plans data, tensor and expert parallelism only, not "
+         "--parallelism.context_parallel_degree 2", "--parallelize torchtitan"),
+    ),
+    "expert-parallel-without-experts": (
+        ("--parallelism.expert_parallel_degree", "2"),
+        ("--parallelism.expert_parallel_degree 2: the model of this config has no MoE layer",
+         "qwen3_moe_debug_autoparallel"),
+    ),
+    "expert-parallel-with-tensor-parallel": (
+        ("--parallelism.expert_parallel_degree", "2", "--parallelism.tensor_parallel_degree", "2",
+         "--parallelism.data_parallel_shard_degree", "1"),
+        ("--parallelism.expert_parallel_degree 2 with data parallelism only",
+         "--parallelism.tensor_parallel_degree 2: set one of them to 1"),
     ),
     "unknown-option": (
         ("--autoparallel.bogus", "1"),

@@ -24,10 +24,12 @@ from torch import nn
 from torch.distributed.tensor.placement_types import Replicate, Shard
 from torchtitan.config import TORCH_DTYPE_MAP, Configurable
 from torchtitan.distributed.fsdp import get_fsdp_reshard_after_forward_policy
+from torchtitan.models.common.moe import RoutedExperts
 from torchtitan.tools.logging import logger
 
 from torchtitan_ext import cpu
 from torchtitan_ext.aliases import AliasError, AliasMap, storage_bytes, unique_storage_bytes
+from torchtitan_ext.moe import EP_DATA_AXES, enable_expert_parallel
 from torchtitan_ext.plan import PlanReport, build_report, collectives
 
 # The AutoParallel commit this project is tested against; pyproject.toml's extra pins it too.
@@ -41,7 +43,7 @@ AUTOPARALLEL_INSTALL = (
 # torchtitan mesh axes AutoParallel plans over, in mesh order. The sharded data axis is
 # "fsdp" under the partial_dtensor backend and "dp_shard" under the others; torchtitan keeps
 # it even at size 1, so a 1-rank run gets a 1-rank mesh.
-_DATA_AXES = ("dp_replicate", "fsdp", "dp_shard")
+_DATA_AXES = ("dp_replicate", "fsdp", "dp_shard", *EP_DATA_AXES)
 
 
 def require_autoparallel() -> None:
@@ -173,6 +175,9 @@ class AliasAwareAutoParallel(Configurable):
 
         names = self._capture_aliases(model)
         spec = self._plan_spec(model, parallel_dims, training, parallelism, dump_folder)
+        expert_parallel = "ep" in spec.axes
+        if expert_parallel:
+            self._enable_expert_parallel(model, spec)
         t0 = time.perf_counter()
         with AutoParallel(
             model,
@@ -180,6 +185,9 @@ class AliasAwareAutoParallel(Configurable):
             spec.mesh,
             mp_policy=spec.mp_policy,
             reshard_after_forward=spec.reshard_after_forward,
+            # The tokens each rank's experts receive depend on the routing: traced with
+            # unbacked sizes inside the expert region.
+            dynamic=expert_parallel,
         ) as autop:
             self.times.trace = time.perf_counter() - t0
             self._constrain(autop, spec)
@@ -201,6 +209,20 @@ class AliasAwareAutoParallel(Configurable):
         if self.alias_map:
             logger.info(f"AutoParallel: captured aliases before tracing:\n{self.alias_map}")
         return names
+
+    def _enable_expert_parallel(self, model: nn.Module, spec: PlanSpec) -> None:
+        """Run each MoE layer's routed experts as one local_map region (torchtitan_ext.moe):
+        whole experts on each ep rank, tokens sent to them with all_to_all."""
+        layers = enable_expert_parallel(model, mesh=spec.mesh, axes=tuple(spec.axes))
+        if not layers:
+            raise ValueError(
+                f"--parallelism.expert_parallel_degree {spec.mesh.size(spec.axes.index('ep'))}"
+                f": {type(model).__qualname__} has no MoE layer (torchtitan's RoutedExperts)"
+            )
+        logger.info(
+            f"AutoParallel: expert parallelism on {layers} MoE layer(s): experts sharded on "
+            "ep, tokens exchanged with all_to_all in a local_map region"
+        )
 
     def _plan_spec(self, model, parallel_dims, training, parallelism, dump_folder) -> PlanSpec:
         """What the plan is for: mesh, global input shapes, precision, placement
@@ -272,6 +294,7 @@ class AliasAwareAutoParallel(Configurable):
         autop.add_output_constraints([spec.logits_placement])
         autop.add_parameter_memory_constraint(low=low, high=high)
         constrain_alias_placements(autop, self.alias_map)
+        _replicate_router_state(autop)
         if "dp_replicate" in spec.axes and len(spec.axes) > 1:
             _replicate_parameters(autop, axis=spec.axes.index("dp_replicate"))
         if self.config.parallel_matmuls:
@@ -492,7 +515,13 @@ class AliasAwareAutoParallel(Configurable):
 def mesh_axes(parallel_dims, *, spmd_backend: str) -> dict[str, int]:
     """The mesh AutoParallel plans over: torchtitan's data and tp axes of size > 1, in mesh
     order, or the sharded data axis alone (size 1 on one rank). The sharded data axis is
-    "fsdp" under the partial_dtensor backend and "dp_shard" under the others."""
+    "fsdp" under the partial_dtensor backend and "dp_shard" under the others. With expert
+    parallelism, torchtitan's sparse mesh: dp_replicate and efsdp (when > 1) and ep, whose
+    product is the data-parallel world (ep > 1 runs with tp 1)."""
+    if parallel_dims.ep > 1:
+        efsdp = parallel_dims.dp_shard // parallel_dims.ep
+        sizes = {"dp_replicate": parallel_dims.dp_replicate, "efsdp": efsdp}
+        return {**{axis: size for axis, size in sizes.items() if size > 1}, "ep": parallel_dims.ep}
     shard_axis = "fsdp" if spmd_backend == "partial_dtensor" else "dp_shard"
     sizes = {
         "dp_replicate": parallel_dims.dp_replicate,
@@ -507,14 +536,20 @@ def check_parallel_dims(parallel_dims) -> None:
     unplanned = {
         "pipeline_parallel_degree": parallel_dims.pp,
         "context_parallel_degree": parallel_dims.cp,
-        "expert_parallel_degree": parallel_dims.ep,
     }
     unplanned = {name: degree for name, degree in unplanned.items() if degree > 1}
     if unplanned:
         given = ", ".join(f"--parallelism.{name} {degree}" for name, degree in unplanned.items())
         raise ValueError(
-            f"AliasAwareAutoParallel plans data and tensor parallelism only, not {given}: set "
-            "them to 1, or use torchtitan's parallelization (--parallelize torchtitan)"
+            f"AliasAwareAutoParallel plans data, tensor and expert parallelism only, not "
+            f"{given}: set them to 1, or use torchtitan's parallelization "
+            "(--parallelize torchtitan)"
+        )
+    if parallel_dims.ep > 1 and parallel_dims.tp > 1:
+        raise ValueError(
+            f"AliasAwareAutoParallel plans --parallelism.expert_parallel_degree "
+            f"{parallel_dims.ep} with data parallelism only, not with "
+            f"--parallelism.tensor_parallel_degree {parallel_dims.tp}: set one of them to 1"
         )
 
 
@@ -609,6 +644,12 @@ def check_before_launch(config, parallel_dims) -> None:
     ones AutoParallel plans, the engine is installed, and a placement file was solved for
     this very plan. Raises ValueError or ImportError naming the problem and the fix."""
     check_parallel_dims(parallel_dims)
+    if parallel_dims.ep > 1 and not list(config.model_spec.model.traverse(RoutedExperts.Config)):
+        raise ValueError(
+            f"--parallelism.expert_parallel_degree {parallel_dims.ep}: the model of this "
+            "config has no MoE layer; use an MoE config (qwen3_moe_debug_autoparallel, "
+            "deepseek_v3_debugmodel_autoparallel, ...) or expert_parallel_degree 1"
+        )
     require_autoparallel()
     path = placement_path(config.autoparallel, config.dump_folder)
     if path and os.path.exists(path):
@@ -703,6 +744,43 @@ def _replicate_parameters(autop, *, axis: int) -> None:
             opt._normalize_node(node),
             lambda placements: placements[axis] == Replicate(),
             name="replicate_parameter",
+        )
+
+
+def _replicate_router_state(autop) -> None:
+    """Keep MoE load-balancing buffers (torchtitan's MoE: tokens_per_expert_E, expert_bias_E)
+    replicated: torchtitan's optimizer hook reads each as the whole per-expert vector (it
+    rewraps the local tensor as Replicate), so a sharded buffer breaks the bias update. The
+    solver would shard them on ep, where the experts are."""
+    from torch._functorch._aot_autograd.descriptors import (
+        BufferAOTInput,
+        InputMutationAOTOutput,
+    )
+    from torch._functorch._aot_autograd.fx_utils import get_named_buffer_nodes
+
+    def is_router_state(fqn: str) -> bool:
+        return fqn.endswith((".tokens_per_expert_E", ".expert_bias_E"))
+
+    opt = autop.sharding_optimizer
+    nodes = [
+        node for fqn, node in get_named_buffer_nodes(opt.graph).items() if is_router_state(fqn)
+    ]
+    # The buffer's new value (tokens_per_expert_E += counts in the forward) is a graph output
+    # copied into the buffer after each step: it must have the buffer's placement.
+    output = opt.graph.output_node()
+    for value, desc in zip(output.args[0], output.meta["desc"], strict=True):
+        if (
+            isinstance(desc, InputMutationAOTOutput)
+            and isinstance(desc.mutated_input, BufferAOTInput)
+            and is_router_state(desc.mutated_input.target)
+        ):
+            nodes.append(value)
+    for node in nodes:
+        _keep_strategies(
+            opt,
+            opt._normalize_node(node),
+            lambda placements: all(p == Replicate() for p in placements),
+            name="replicate_router_state",
         )
 
 

@@ -43,7 +43,8 @@ class PlanReport:
     mesh: dict[str, int]
     """Mesh axis name -> size."""
     collectives: dict[str, CollectiveStats] = field(default_factory=dict)
-    """Collective kind -> count and bytes (output size) per training step, on one rank."""
+    """Collective kind -> count and bytes (output size; all_to_all: what this rank sends
+    when the routing sets what it receives) per training step, on one rank."""
     compiled: bool = False
     """Whether ``collectives`` were read from Inductor's graphs after its bucketing."""
     parameters: dict[str, list[str]] = field(default_factory=dict)
@@ -52,6 +53,8 @@ class PlanReport:
     """This rank's forward matmul FLOPs over the whole model's (1/dp for data parallel)."""
     matmul_batch_share: tuple[float, float] = (1.0, 1.0)
     """Min and max, over forward matmuls, of this rank's rows over the global rows."""
+    experts: tuple[int, int] | None = None
+    """MoE models: (experts each rank holds, experts per layer)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -64,13 +67,16 @@ class PlanReport:
         parameters = "; ".join(f"{len(v)} {k}" for k, v in sorted(self.parameters.items()))
         low, high = self.matmul_batch_share
         executed = "compiled, after bucketing" if self.compiled else "eager"
-        return [
+        lines = [
             f"mesh {self.mesh}",
             f"collectives per step ({executed}): {collective_text or 'none'}",
             f"parameters: {parameters}",
             f"forward matmul FLOPs on this rank: {self.forward_flop_share:.3f} of the model; "
             f"rows per matmul: {low:.3f}-{high:.3f} of the global batch",
         ]
+        if self.experts is not None:
+            lines.append(f"experts per rank: {self.experts[0]} of {self.experts[1]} per layer")
+        return lines
 
 
 def collectives(graphs: list[torch.fx.GraphModule]) -> dict[str, CollectiveStats]:
@@ -89,16 +95,27 @@ def collectives(graphs: list[torch.fx.GraphModule]) -> dict[str, CollectiveStats
                 kind = _COLLECTIVES.get(node.target._opname)
                 if kind is None:
                     continue
-                values = node.meta.get("val")
-                values = values if isinstance(values, (list, tuple)) else [values]
                 entry = stats.setdefault(kind, CollectiveStats())
                 entry.count += 1
-                entry.bytes += sum(v.numel() * v.element_size() for v in values if v is not None)
+                size = _static_bytes(node.meta.get("val"))
+                if size is None and kind == "all_to_all":
+                    # An expert all_to_all receives as many rows as the routing sends it, a
+                    # size known only at run time; count what this rank sends.
+                    size = _static_bytes(node.args[0].meta.get("val"))
+                entry.bytes += size or 0
     return stats
 
 
+def _static_bytes(values) -> int | None:
+    """Bytes of the tensors in ``values``; None when a size is known only at run time."""
+    values = values if isinstance(values, (list, tuple)) else [values]
+    total = sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
+    return total if isinstance(total, int) else None
+
+
 def _forward_matmuls(graph: torch.fx.GraphModule) -> list[tuple[int, int]]:
-    """(rows, flops) of each forward matmul, in program order."""
+    """(rows, flops) of each forward matmul whose shape is known when tracing, in program
+    order."""
     result = []
     for node in graph.graph.nodes:
         if node.op != "call_function" or node.target not in _MATMULS:
@@ -114,7 +131,10 @@ def _forward_matmuls(graph: torch.fx.GraphModule) -> list[tuple[int, int]]:
             a = node.args[0].meta["val"]
             contracted = a.shape[-1]
             rows = math.prod(out.shape[:-1])
-        result.append((rows, 2 * out.numel() * contracted))
+        flops = 2 * out.numel() * contracted
+        # Matmuls on routed tokens (expert parallelism) have run-time row counts: left out.
+        if isinstance(flops, int):
+            result.append((rows, flops))
     return result
 
 
@@ -137,6 +157,16 @@ def build_report(
         else:
             key = "local"
         report.parameters.setdefault(key, []).append(fqn)
+    experts = [
+        (
+            param.to_local().shape[0] if isinstance(param, DTensor) else param.shape[0],
+            param.shape[0],
+        )
+        for fqn, param in parallel_model.named_parameters()
+        if fqn.endswith("inner_experts.w1_EFD")
+    ]
+    if experts:
+        report.experts = experts[0]
     global_mm = _forward_matmuls(joint_graph)
     local_mm = _forward_matmuls(forward_graph)
     if global_mm and len(global_mm) == len(local_mm):
