@@ -4,6 +4,7 @@ Run by tests/test_checkpoint.py in a subprocess (it installs process-wide patche
 process groups the pytest process must not keep):
 
     python -m tests._checkpoint_roundtrip WORKDIR [--config NAME] [--ranks 2] [--layers 2]
+        [--flag=--parallelism.expert_parallel_degree --flag=2 ...]
 
 1. eager (this process, no process group): torchtitan's model built as the Trainer builds
    it on one rank (meta, ``to_empty``, ``init_weights``), saved with DCP under WORKDIR/eager;
@@ -51,12 +52,15 @@ def _progress(message: str) -> None:
     )
 
 
-def _parse(spec: tuple[str, int]):
-    """The named config, keeping its first ``layers`` transformer layers (0: all)."""
+def _parse(spec: tuple[str, int, list[str]]):
+    """The named config with trainer flags, keeping its first ``layers`` transformer layers
+    (0: all)."""
     from torchtitan.config import ConfigManager
 
-    config_name, layers = spec
-    config = ConfigManager().parse_args(["--module", "config_registry", "--config", config_name])
+    config_name, layers, flags = spec
+    config = ConfigManager().parse_args(
+        ["--module", "config_registry", "--config", config_name, *flags]
+    )
     if layers:
         config.model_spec.model.layers = config.model_spec.model.layers[:layers]
     return config
@@ -161,7 +165,7 @@ def _build_eager(config, seed: int):
     return model, alias_map
 
 
-def _eager_save(workdir: Path, spec: tuple[str, int]) -> dict:
+def _eager_save(workdir: Path, spec: tuple[str, int, list[str]]) -> dict:
     from torchtitan.components.checkpoint import ModelWrapper
 
     model, alias_map = _build_eager(_parse(spec), SEEDS["eager"])
@@ -171,7 +175,7 @@ def _eager_save(workdir: Path, spec: tuple[str, int]) -> dict:
     return {"saved_keys": sorted(state), "aliases": _alias_report(model, alias_map)}
 
 
-def _eager_load(workdir: Path, spec: tuple[str, int]) -> dict:
+def _eager_load(workdir: Path, spec: tuple[str, int, list[str]]) -> dict:
     from torchtitan.components.checkpoint import ModelWrapper
 
     model, alias_map = _build_eager(_parse(spec), SEEDS["eager_reload"])
@@ -200,7 +204,9 @@ def _build_autoparallel(config, world_size: int, dump_folder: Path):
     return parallel, component
 
 
-def _autoparallel_rank(rank: int, world_size: int, workdir: Path, spec: tuple[str, int]) -> None:
+def _autoparallel_rank(
+    rank: int, world_size: int, workdir: Path, spec: tuple[str, int, list[str]]
+) -> None:
     from torchtitan.components.checkpoint import ModelWrapper
 
     torch.set_num_threads(1)  # one core per rank, as torchrun's OMP_NUM_THREADS=1
@@ -226,6 +232,12 @@ def _autoparallel_rank(rank: int, world_size: int, workdir: Path, spec: tuple[st
             "placements": sorted(
                 {str(tuple(p.placements)) for p in model.parameters() if isinstance(p, DTensor)}
             ),
+            # MoE: the expert weights this rank holds, of all (rows = experts).
+            "expert_rows": {
+                fqn: [_local(p).shape[0], p.shape[0]]
+                for fqn, p in model.named_parameters()
+                if ".inner_experts." in fqn
+            },
             "aliases_after_init": _alias_report(model, component.alias_map),
         }
 
@@ -252,13 +264,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--layers", type=int, default=LAYERS, help="keep the first N layers (0: all)"
     )
+    parser.add_argument(
+        "--flag", action="append", default=[], help="a trainer flag (repeat: --flag=--a --flag=1)"
+    )
     args = parser.parse_args(argv)
     workdir: Path = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TORCHTITAN_EXT_DEVICE", "cpu")
 
-    spec = (args.config, args.layers)
-    results: dict = {"config": args.config, "layers": args.layers, "ranks": args.ranks}
+    spec = (args.config, args.layers, args.flag)
+    results: dict = {
+        "config": args.config, "layers": args.layers, "ranks": args.ranks, "flags": args.flag
+    }  # fmt: skip
     results["eager_save"] = _eager_save(workdir, spec)
     _progress("eager model saved")
     mp.spawn(_autoparallel_rank, args=(args.ranks, workdir, spec), nprocs=args.ranks, join=True)

@@ -97,6 +97,7 @@ def _train(
     ngpu: int,
     steps: int = STEPS,
     env: dict[str, str] | None = None,
+    model: str = "llama3",
 ) -> Trained:
     shutil.copytree(seed_checkpoint, dump / "checkpoint")
     start = time.perf_counter()
@@ -114,6 +115,7 @@ def _train(
         ngpu=ngpu,
         dump_folder=dump,
         env=env,
+        model=model,
     ).check()  # fmt: skip
     assert f"Loading the checkpoint from {dump}/checkpoint/step-0." in run.log
     seconds = time.perf_counter() - start
