@@ -29,6 +29,10 @@ ROPE_CAPTURED = r"buffer layers\.0\.attention\.rope\.cache = layers\.1\.attentio
 # tied and shared RoPE: the shared-RoPE config derives from the tied one.
 SHARED_ROPE_CAPTURED = (TIED_CAPTURED, ROPE_CAPTURED)
 
+QWEN3_MOE = "qwen3_moe_debug_autoparallel"
+DEEPSEEK_V3 = "deepseek_v3_debugmodel_autoparallel"
+EP_PLANNED = r"AutoParallel: expert parallelism on 2 MoE layer\(s\)"
+
 
 def plan_lines(mesh: str, params: str, flop_share: str) -> tuple[str, ...]:
     """The plan report's lines for a mesh, e.g. plan_lines("{'dp_shard': 2}", ...)."""
@@ -128,6 +132,46 @@ CPU_RUNS = [
         ),
     ),
     OverrideDefinitions(
+        test_name="ap_qwen3_moe_ep2_kill_resume",
+        test_descr=(
+            "2 ranks, Qwen3 MoE (tied) with --parallelism.expert_parallel_degree 2: whole "
+            "experts per rank, tokens sent with all_to_all; killed while saving its step-4 "
+            "checkpoint, the rerun resumes from step 2 and repeats steps 3-4 exactly"
+        ),
+        config=QWEN3_MOE,
+        tier="cpu",
+        ngpu=2,
+        model="qwen3",
+        **_kill_and_resume(
+            "--parallelism.expert_parallel_degree", "2", "--training.seq_len", "128"
+        ),
+        checks=(
+            FiniteLosses(),
+            RanksAgree(ranks=2, command=1),
+            LossFalls(margin=0.2, command=0),
+            LogContains((TIED_CAPTURED, NAMES_MATCH, EP_PLANNED), command=0),
+            LogContains(("mesh " + r"\{'ep': 2\}", "experts per rank: 32 of 64 per layer"), 0),
+            *KILL_AND_RESUME_CHECKS,
+        ),
+    ),
+    OverrideDefinitions(
+        test_name="ap_deepseek_v3_1rank",
+        test_descr=(
+            "1 rank, DeepSeek-V3 debug model (MLA attention, a dense and an MoE layer, shared "
+            "experts) through AutoParallel without expert parallelism: loss falls"
+        ),
+        config=DEEPSEEK_V3,
+        tier="cpu",
+        ngpu=1,
+        model="deepseek_v3",
+        override_args=[["--training.steps", "4", "--training.seq_len", "128"]],
+        checks=(
+            FiniteLosses(),
+            LossFalls(margin=0.2),
+            LogContains((NAMES_MATCH, *plan_lines("{'dp_shard': 1}", r"dp_shard=\w+", "1.000"))),
+        ),
+    ),
+    OverrideDefinitions(
         test_name="ap_fake_backend_8ranks",
         test_descr=(
             "NGPU=8 COMM_MODE=fake_backend: one process plans and runs a step of an 8-rank "
@@ -224,6 +268,18 @@ GPU_RUNS = [
         **_kill_and_resume("--parallelism.data_parallel_shard_degree", "8"),
         checks=(FiniteLosses(), RanksAgree(ranks=8, command=1), *KILL_AND_RESUME_CHECKS),
         timeout=1200,
+    ),
+    _gpu(
+        "gpu_qwen3_moe_ep4_dp_shard2",
+        "8 GPUs, Qwen3 MoE debug model, expert parallelism 4 x efsdp 2 (dp_shard 8): 16 experts "
+        "per ep rank, stored sharded on efsdp (8 per rank)",
+        8,
+        [*_STEPS, "--parallelism.data_parallel_shard_degree", "8"]
+        + "--parallelism.expert_parallel_degree 4".split(),
+        LossFalls(margin=1.0),
+        LogContains(("mesh " + r"\{'efsdp': 2, 'ep': 4\}", "experts per rank: 8 of 64 per layer")),
+        config=QWEN3_MOE,
+        model="qwen3",
     ),
     _gpu(
         "gpu_llama3_1b",
