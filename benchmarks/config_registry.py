@@ -1,8 +1,9 @@
-"""Configs for the benchmarks: our AutoParallel debug config and its baselines. The
+"""Configs for the benchmarks: our AutoParallel debug configs and their baselines. The
 benchmark counts one step's collectives with our Trainer's --collectives_step.
 
-Every variant trains the same model (llama3 debug, tied embeddings, SDPA, plain
-cross-entropy), on the same data and shapes; only who parallelizes it differs.
+Every variant of a suite trains the same model (dense: llama3 debug, tied embeddings, SDPA,
+plain cross-entropy; moe: the Qwen3 MoE debug config), on the same data and shapes; only
+who parallelizes it differs.
 """
 
 from __future__ import annotations
@@ -45,3 +46,9 @@ def llama3_debugmodel_ddp_bench() -> AutoParallelTrainer.Config:
     config.parallelize = "torchtitan"  # keep our parallelize_fn below, not AutoParallel
     config.model_spec.parallelize_fn = _replicate
     return config
+
+
+def qwen3_moe_debug_bench() -> AutoParallelTrainer.Config:
+    """The Qwen3 MoE AutoParallel debug config; --parallelize torchtitan with
+    --parallelism.expert_parallel_degree gives torchtitan's EP."""
+    return config_registry.qwen3_moe_debug_autoparallel()

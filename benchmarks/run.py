@@ -4,17 +4,18 @@ parallelization, in one command:
     python -m benchmarks.run                      # every variant, 3 interleaved rounds
     python -m benchmarks.run --rounds 1 --variants titan_fsdp,ap_fsdp --no-scaling
 
-Every variant trains the same thing: torchtitan's llama3 debug model (tied embeddings), the
-same data, shapes and dtype, from one seed checkpoint made at the start, on --ngpu ranks
+Every variant of a suite trains the same thing: dense, torchtitan's llama3 debug model (tied
+embeddings); moe, the Qwen3 MoE debug model (2 layers, 64 experts, tied): the same data,
+shapes and dtype, from one seed checkpoint per suite made at the start, on --ngpu ranks
 (gloo on CPU), and the benchmark checks it: each run's per-step losses (full precision,
-from TensorBoard) must agree with the reference variant's within LOSS_ATOL over the timed
-steps, or the variant gets no ratio, with the reason. Rounds interleave the variants
+from TensorBoard) must agree with its suite's reference variant's within LOSS_ATOL over the
+timed steps, or the variant gets no ratio, with the reason. Rounds interleave the variants
 (rotating their order), so machine noise hits all of them; medians are taken within a run
 (steps) and across rounds. A round that failed or timed fewer steps is reported (rounds
 used / run) and not used; a variant with fewer used rounds than asked gets no ratio. Each
 AutoParallel variant is compared with the fastest of its baselines' eager and compiled
-forms. Writes <output>/latest.json, latest.md and latest.png (time breakdown; with the
-bench extra's matplotlib) and prints the ratios last.
+forms. Writes <output>/latest.json, latest.md and latest.png (--name sets the stem; the
+chart needs the bench extra's matplotlib) and prints the ratios last.
 """
 
 from __future__ import annotations
@@ -43,10 +44,26 @@ _STEP = re.compile(r"^\[rank(\d+)\]:.*step:\s*(\d+)\s+loss:.*memory:\s*([\d.]+)G
 
 LOSS_ATOL = 1e-5
 """Largest per-step loss difference from the reference variant for the same training."""
-REFERENCE = "titan_fsdp"
-"""The variant every other's losses are compared with."""
 SEED = "42"
 TB_LOSS_TAG = "loss_metrics/global_avg_loss"
+
+
+@dataclass(frozen=True)
+class Suite:
+    """One model every variant of the suite trains, from one seed checkpoint."""
+
+    config: str
+    """benchmarks/config_registry.py config of the seed checkpoint (and of the variants)."""
+    reference: str
+    """The variant whose losses every other variant of the suite is compared with."""
+    tokens_per_rank_step: int
+    """local batch x seq_len."""
+
+
+SUITES = {
+    "dense": Suite("llama3_debugmodel_bench", "titan_fsdp", 8 * 256),
+    "moe": Suite("qwen3_moe_debug_bench", "titan_moe_ep", 4 * 256),
+}
 
 
 @dataclass(frozen=True)
@@ -59,6 +76,7 @@ class Variant:
     """Keys of the variants this one is compared to: the fastest of them that trains the
     same (losses agree) and ran every round."""
     autoparallel: bool = False
+    suite: str = "dense"
 
 
 _COMPILE = ("--compile.enable",)
@@ -69,6 +87,11 @@ _REPLICATE = (
 _TITAN = ("--parallelize", "torchtitan")
 _FSDP = ("titan_fsdp", "titan_fsdp_compiled")
 _DDP = ("torch_ddp", "torch_ddp_compiled")
+_EP = ("--parallelism.expert_parallel_degree", "2")
+# torchtitan's EP on gloo needs its DTensor backend: its spmd_types backend exchanges tokens
+# with a list all_to_all, which gloo refuses for uneven splits.
+_TITAN_EP = (*_TITAN, *_EP, "--parallelism.spmd_backend", "full_dtensor")
+_MOE = "qwen3_moe_debug_bench"
 VARIANTS = [
     Variant("titan_fsdp", "torchtitan FSDP", "llama3_debugmodel_bench", _TITAN),
     Variant(
@@ -92,6 +115,15 @@ VARIANTS = [
     Variant(
         "ap_ddp_compiled", "AutoParallel DDP-like compiled", "llama3_debugmodel_bench",
         _REPLICATE + _COMPILE, baselines=_DDP, autoparallel=True,
+    ),
+    Variant("titan_moe_ep", "MoE: torchtitan EP 2", _MOE, _TITAN_EP, suite="moe"),
+    Variant(
+        "ap_moe", "MoE: AutoParallel, solver's plan (no EP)", _MOE,
+        baselines=("titan_moe_ep",), autoparallel=True, suite="moe",
+    ),
+    Variant(
+        "ap_moe_ep", "MoE: AutoParallel EP 2", _MOE, _EP,
+        baselines=("titan_moe_ep",), autoparallel=True, suite="moe",
     ),
 ]  # fmt: skip
 BY_KEY = {v.key: v for v in VARIANTS}
@@ -137,17 +169,17 @@ def _env(ngpu: int, dump: Path) -> dict[str, str]:
     }
 
 
-def make_seed_checkpoint(work: Path) -> Path:
-    """torchtitan's seed checkpoint of the benchmark model (1 rank, seed SEED): every run
-    starts from it. Initializing instead would not train the same thing: a sharded init
-    draws other random numbers than a replicated one."""
-    dump = work / "seed"
+def make_seed_checkpoint(work: Path, suite: Suite) -> Path:
+    """torchtitan's seed checkpoint of a suite's model (1 rank, seed SEED): every run of the
+    suite starts from it. Initializing instead would not train the same thing: a sharded
+    init draws other random numbers than a replicated one."""
+    dump = work / f"seed-{suite.config}"
     shutil.rmtree(dump, ignore_errors=True)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
         "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0",
         "-m", "torchtitan_ext.train", "--module", "benchmarks.config_registry",
-        "--config", "llama3_debugmodel_bench", f"--dump_folder={dump}",
+        "--config", suite.config, f"--dump_folder={dump}",
         "--parallelize", "torchtitan", "--checkpoint.enable",
         "--checkpoint.create_seed_checkpoint", "--debug.seed", SEED,
     ]  # fmt: skip
@@ -251,9 +283,7 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def summarize(
-    results: list[RunResult], *, tokens_per_step: int, rounds: int, steps: int
-) -> dict[str, dict]:
+def summarize(results: list[RunResult], *, ngpu: int, rounds: int, steps: int) -> dict[str, dict]:
     """Per variant: medians across the rounds used (exit 0 and all ``steps`` timed), what
     happened to the others, and how its losses compare with the reference variant's."""
     summary: dict[str, dict] = {}
@@ -287,7 +317,7 @@ def summarize(
         entry |= {
             "step_s": step,
             "step_s_by_round": [r.median_step_s for r in used],
-            "tokens_per_s": tokens_per_step / step,
+            "tokens_per_s": SUITES[variant.suite].tokens_per_rank_step * ngpu / step,
             "start_to_first_step_s": _median([r.start_to_first_step_s for r in used]),
             "peak_rss_gib_max_rank": _median([max(r.peak_rss_gib.values()) for r in used]),
             "state_bytes_rank0": last.state_bytes.get(0, {}),
@@ -302,19 +332,26 @@ def summarize(
             entry["startup_phases_s"] = phases
             entry["alias_extra_bytes"] = last.startup["alias_extra_bytes"]
             entry["unique_storage_bytes_rank0"] = last.startup["unique_storage_bytes"]
-    reference = [r for r in results if r.variant == REFERENCE and r.losses]
     for key, entry in summary.items():
+        reference = SUITES[BY_KEY[key].suite].reference
+        entry["reference"] = reference
         entry["losses_vs_reference"] = _loss_agreement(
-            [r for r in results if r.variant == key], reference, steps=steps
+            [r for r in results if r.variant == key],
+            [r for r in results if r.variant == reference and r.losses],
+            reference=reference,
+            steps=steps,
         )
     return summary
 
 
-def _loss_agreement(runs: list[RunResult], reference: list[RunResult], *, steps: int) -> dict:
+def _loss_agreement(
+    runs: list[RunResult], reference_runs: list[RunResult], *, reference: str, steps: int
+) -> dict:
     """Whether every run's timed-step losses equal the reference runs' within LOSS_ATOL."""
-    if not reference:
-        return {"agree": False, "why": f"no losses from the reference variant {REFERENCE}"}
-    want = reference[0].losses
+    if not reference_runs:
+        return {"agree": False, "why": f"no losses from the reference variant {reference}"}
+    reference_label = BY_KEY[reference].label
+    want = reference_runs[0].losses
     if len(want) != steps:
         return {"agree": False, "why": f"the reference logged {len(want)} of {steps} losses"}
     worst = 0.0
@@ -331,7 +368,7 @@ def _loss_agreement(runs: list[RunResult], reference: list[RunResult], *, steps:
         return {
             "agree": False,
             "max_abs_diff": worst,
-            "why": f"losses differ from {BY_KEY[REFERENCE].label}'s by up to {worst:.3g} "
+            "why": f"losses differ from {reference_label}'s by up to {worst:.3g} "
             f"(> {LOSS_ATOL:g}): it trains something else",
         }
     return {"agree": True, "max_abs_diff": worst}
@@ -411,9 +448,10 @@ def _markdown(report: dict) -> str:
         f"({report['backend']}), {report['rounds']} interleaved rounds of "
         f"{report['warmup']} warm-up + {report['steps']} timed steps; medians.",
         "",
-        f"Losses of every run are compared with {BY_KEY[REFERENCE].label}'s over the timed "
-        f"steps (within {LOSS_ATOL:g}); each ratio is against the fastest baseline that "
-        "trains the same and ran every round.",
+        "Losses of every run are compared with its model's reference ("
+        + ", ".join(BY_KEY[suite.reference].label for suite in SUITES.values())
+        + f") over the timed steps (within {LOSS_ATOL:g}); each ratio is against the "
+        "fastest baseline that trains the same and ran every round.",
         "",
         "| variant | s/step | tokens/s | rounds used / run | losses vs reference "
         "| vs best baseline | start to step 1 (s) | peak RSS/rank (GiB) "
@@ -537,6 +575,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(v.key for v in VARIANTS))
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     parser.add_argument("--work", type=Path, default=Path("/tmp/torchtitan_ext_bench"))
+    parser.add_argument(
+        "--name", default="latest", help="results file stem: <output>/<name>.json, .md, .png"
+    )
     parser.add_argument("--no-warm", action="store_true", help="skip the warm-start runs")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling table")
     args = parser.parse_args(argv)
@@ -554,7 +595,11 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     results: list[RunResult] = []
-    seed_checkpoint = make_seed_checkpoint(args.work) if keys and args.rounds else None
+    seed_checkpoints = {
+        name: make_seed_checkpoint(args.work, suite)
+        for name, suite in SUITES.items()
+        if args.rounds and any(BY_KEY[k].suite == name for k in keys)
+    }
     for round_index in range(args.rounds):
         order = keys[round_index % len(keys) :] + keys[: round_index % len(keys)]
         for key in order:
@@ -563,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
             result = run_variant(
                 BY_KEY[key], round_index=round_index, ngpu=args.ngpu,
                 warmup=args.warmup, steps=args.steps, dump=dump,
-                seed_checkpoint=seed_checkpoint,
+                seed_checkpoint=seed_checkpoints[BY_KEY[key].suite],
             )  # fmt: skip
             results.append(result)
             status = "ok" if result.returncode == 0 else f"FAILED ({result.returncode})"
@@ -573,7 +618,6 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
 
-    tokens_per_step = 8 * args.ngpu * 256  # local batch 8 x dp ranks x seq_len 256
     accelerator = torch.accelerator.is_available()
     report = {
         "date": datetime.now().strftime("%Y-%m-%d %H:%M"),
@@ -587,26 +631,25 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "warmup": args.warmup,
         "steps": args.steps,
-        "summary": summarize(
-            results, tokens_per_step=tokens_per_step, rounds=args.rounds, steps=args.steps
-        ),
+        "summary": summarize(results, ngpu=args.ngpu, rounds=args.rounds, steps=args.steps),
         "runs": [asdict(r) | {"log_tail": r.log_tail[-500:]} for r in results],
     }
     report["ratios"] = ratios(report["summary"])
-    if not args.no_warm and seed_checkpoint is not None:
-        warm_keys = [k for k in ("titan_fsdp_compiled", "ap_fsdp", "ap_fsdp_compiled") if k in keys]
+    warm_keys = [k for k in ("titan_fsdp_compiled", "ap_fsdp", "ap_fsdp_compiled") if k in keys]
+    if not args.no_warm and warm_keys and "dense" in seed_checkpoints:
         report["warm_starts"] = warm_starts(
-            ngpu=args.ngpu, dump_root=args.work, keys=warm_keys, seed_checkpoint=seed_checkpoint
-        )
+            ngpu=args.ngpu, dump_root=args.work, keys=warm_keys,
+            seed_checkpoint=seed_checkpoints["dense"],
+        )  # fmt: skip
     if not args.no_scaling and any(BY_KEY[k].autoparallel for k in keys):
         from benchmarks.scaling import scaling_table
 
         report["scaling"] = scaling_table()
 
     args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "latest.json").write_text(json.dumps(report, indent=2, default=str))
-    (args.output / "latest.md").write_text(_markdown(report))
-    chart = _chart(report, args.output / "latest.png")
+    (args.output / f"{args.name}.json").write_text(json.dumps(report, indent=2, default=str))
+    (args.output / f"{args.name}.md").write_text(_markdown(report))
+    chart = _chart(report, args.output / f"{args.name}.png")
     print(_markdown(report))
     print(chart)
     print("Ratios (ours / the fastest baseline that trains the same), lower is better:")

@@ -44,7 +44,7 @@ def _result(key: str, round_index: int, step_s: list[float], **kwargs) -> bench.
 
 
 def _report(results: list[bench.RunResult], rounds: int) -> dict:
-    summary = bench.summarize(results, tokens_per_step=4096, rounds=rounds, steps=STEPS)
+    summary = bench.summarize(results, ngpu=2, rounds=rounds, steps=STEPS)
     return {
         "date": "2026-11-25 12:00", "machine": "x86_64 2 cores", "backend": "gloo", "ngpu": 2,
         "rounds": rounds, "warmup": 3, "steps": STEPS, "summary": summary,

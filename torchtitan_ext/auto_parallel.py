@@ -162,6 +162,7 @@ class AliasAwareAutoParallel(Configurable):
         from autoparallel.api import AutoParallel
 
         check_parallel_dims(parallel_dims)
+        check_compile(compile_config, parallel_dims)
         compile_model = compile_config.enable and "model" in compile_config.components
         if ac_config is not None and not compile_model:
             logger.warning(
@@ -553,6 +554,18 @@ def check_parallel_dims(parallel_dims) -> None:
         )
 
 
+def check_compile(compile_config, parallel_dims) -> None:
+    """ValueError for compiling an expert-parallel plan: Dynamo does not compile the
+    parallel module's routing-dependent sizes (torch 2.14: PendingUnbackedSymbolNotFound
+    on the expert region's all_to_all splits)."""
+    if parallel_dims.ep > 1 and compile_config.enable and "model" in compile_config.components:
+        raise ValueError(
+            f"--compile.enable with --parallelism.expert_parallel_degree {parallel_dims.ep}: "
+            "the expert-parallel plan runs eager only (Dynamo cannot compile its "
+            "routing-dependent sizes); pass --compile.no-enable, or expert_parallel_degree 1"
+        )
+
+
 def memory_bounds(config: AliasAwareAutoParallel.Config, parallel_dims) -> tuple[float, float]:
     """The parameter memory each rank may hold, as fractions of the model: the config's
     bounds, defaulting to sharded on dp_shard x tp and replicated on a replicate-only mesh."""
@@ -644,6 +657,7 @@ def check_before_launch(config, parallel_dims) -> None:
     ones AutoParallel plans, the engine is installed, and a placement file was solved for
     this very plan. Raises ValueError or ImportError naming the problem and the fix."""
     check_parallel_dims(parallel_dims)
+    check_compile(config.compile, parallel_dims)
     if parallel_dims.ep > 1 and not list(config.model_spec.model.traverse(RoutedExperts.Config)):
         raise ValueError(
             f"--parallelism.expert_parallel_degree {parallel_dims.ep}: the model of this "
