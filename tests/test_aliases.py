@@ -410,7 +410,11 @@ def test_autoparallel_refuses_parameter_as_buffer_before_tracing(autoparallel_on
 
 
 @pytest.mark.engine
-@pytest.mark.parametrize("mesh_shape", [(4,), (2, 2)], ids=["1d", "2d"])
+@pytest.mark.parametrize(
+    "mesh_shape",
+    [(4,), pytest.param((2, 2), marks=pytest.mark.slow)],  # 2d: a 15 s solve
+    ids=["1d", "2d"],
+)
 def test_autoparallel_gives_a_group_one_placement(mesh_shape, autoparallel_on_cpu):
     """Alias names are separate graph inputs: unconstrained, the solver shards the unused
     one and the module then feeds that placement to the used one (forward fails with a

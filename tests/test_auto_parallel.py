@@ -147,12 +147,17 @@ def test_fsdp_like_plan_shards_parameters_and_the_batch(fsdp_like):
     report = component.report
     assert report.mesh == {"dp_shard": 2}
     assert list(report.parameters) == ["dp_shard=S(0)"], report.parameters
-    assert set(report.collectives) == {"all_gather", "reduce_scatter"}
+    assert set(report.planned) == {"all_gather", "reduce_scatter"}
     # One gradient reduce-scatter per unique parameter; gathers before use in the
     # forward and again in the backward (reshard_after_forward).
     unique = len(list(model.parameters()))
-    assert report.collectives["reduce_scatter"].count == unique
-    assert report.collectives["all_gather"].count == 2 * unique - 1
+    assert report.planned["reduce_scatter"].count == unique
+    assert report.planned["all_gather"].count == 2 * unique - 1
+    # Eager runs them bucketed (eager_overlap): a few collectives moving the same bytes.
+    assert report.bucketed and set(report.collectives) == set(report.planned)
+    for kind, planned in report.planned.items():
+        assert report.collectives[kind].count * 5 <= planned.count, (kind, report.collectives)
+        assert report.collectives[kind].bytes == planned.bytes, kind
     assert report.forward_flop_share == pytest.approx(0.5)
     assert report.matmul_batch_share == (0.5, 0.5)  # half the batch in every matmul
     assert names(parallel) == names(model)
@@ -160,6 +165,7 @@ def test_fsdp_like_plan_shards_parameters_and_the_batch(fsdp_like):
     assert (dump / "autoparallel" / "plan.json").read_text() == report.to_json()
 
 
+@pytest.mark.slow  # a second trace and apply of the debug model
 @pytest.mark.engine
 def test_placement_file_is_saved_then_loaded_without_a_solve(fsdp_like, monkeypatch):
     model, parallel, component, dump = fsdp_like
@@ -236,16 +242,21 @@ def test_expert_parallel_plans_on_torchtitans_sparse_mesh():
     ) == {"dp_replicate": 2, "efsdp": 2, "ep": 2}  # fmt: skip
 
 
+@pytest.mark.slow  # a second plan of the debug model
 @pytest.mark.engine
 def test_replicate_mesh_gets_the_ddp_like_plan(two_fake_ranks, tmp_path):
     config = parse(
         "--parallelism.data_parallel_replicate_degree", "2",
         "--parallelism.data_parallel_shard_degree", "1",
+        "--autoparallel.no-eager-overlap",
     )  # fmt: skip
-    _, _, component = parallelize(config, dump_folder=tmp_path)
+    model, _, component = parallelize(config, dump_folder=tmp_path)
     report = component.report
     assert report.mesh == {"dp_replicate": 2}
     assert set(report.parameters) == {"dp_replicate=R"}, report.parameters
+    # Without eager_overlap each step runs the plan as built: a gradient all-reduce each.
+    assert not report.bucketed and report.collectives == report.planned
+    assert report.collectives["all_reduce"].count == len(list(model.parameters()))
     assert set(report.collectives) == {"all_reduce"}, report.collectives
     assert report.forward_flop_share == pytest.approx(0.5)
 
@@ -256,8 +267,8 @@ def test_no_reshard_after_forward_drops_the_backward_gathers(two_fake_ranks, tmp
     config = parse("--parallelism.fsdp_reshard_after_forward", "never")
     model, _, component = parallelize(config, dump_folder=tmp_path)
     unique = len(list(model.parameters()))
-    assert component.report.collectives["all_gather"].count == unique
-    assert component.report.collectives["reduce_scatter"].count == unique
+    assert component.report.planned["all_gather"].count == unique
+    assert component.report.planned["reduce_scatter"].count == unique
 
 
 # Plans on meshes of other sizes than this process's: the debug config cut to 1 layer, traced

@@ -189,7 +189,7 @@ def test_the_plan_report_names_the_collectives_that_run(trained, request, record
     """The plan's counts, all_to_all included, are what step 2 ran on rank 0 (profiler),
     plus torchtitan's own all-reduces and its load-balancing hook's."""
     ap = trained["autoparallel_ep"][0]
-    plan = plan_collectives(ap.log, "eager")
+    plan = plan_collectives(ap.log, "eager, after bucketing")
     assert plan["all_to_all"] == 10  # per MoE layer: counts, tokens out and back, 2 backward
     extra = TORCHTITAN_ALL_REDUCES + LOAD_BALANCING_ALL_REDUCES
     expected = {**plan, "all_reduce": plan.get("all_reduce", 0) + extra}

@@ -8,6 +8,7 @@ verified. The Trainer then calls ``to_empty()`` and ``init_weights()`` on it as 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -128,9 +129,15 @@ class AliasAwareAutoParallel(Configurable):
         under dump_folder; empty keeps Inductor's default (TORCHINDUCTOR_CACHE_DIR)."""
 
         all_reduce_bucket_mb: float = 4.0
-        """With --compile.enable: merge adjacent independent all-reduces (the gradients of a
-        DDP-like or HSDP plan) into buckets of at most this many MB, issued as their
-        gradients are ready. 0: one all-reduce per gradient, as planned."""
+        """Compiled, and eager with eager_overlap: merge adjacent independent all-reduces
+        (the gradients of a DDP-like or HSDP plan) into buckets of at most this many MB,
+        issued as their gradients are ready. 0: one all-reduce per gradient, as planned."""
+
+        eager_overlap: bool = True
+        """Without --compile.enable: bucket the plan's all-gathers and reduce-scatters and
+        move them to overlap compute (Inductor's FX overlap scheduler, run on the eager
+        graphs without code generation); gradient all-reduces are bucketed by
+        all_reduce_bucket_mb. False: one collective per parameter, where the plan puts it."""
 
         dump_placements: bool = False
         """Write the solver's placements (placements.json, the placement_file format; and
@@ -193,10 +200,12 @@ class AliasAwareAutoParallel(Configurable):
             self.times.trace = time.perf_counter() - t0
             self._constrain(autop, spec)
             placement = self._solve_or_load(autop, spec)
-            parallel_model, executed = self._apply(autop, placement)
+            parallel_model, planned, executed = self._apply(
+                autop, placement, eager=not compile_model
+            )
             joint_graph = autop.gm
         self._restore_aliases(parallel_model, names)
-        self._report_plan(spec, joint_graph, executed, parallel_model)
+        self._report_plan(spec, joint_graph, planned, executed, parallel_model)
         if compile_model:
             self._compile(parallel_model, ac_config=ac_config, dump_folder=dump_folder)
         return parallel_model
@@ -333,21 +342,76 @@ class AliasAwareAutoParallel(Configurable):
             shutil.copyfile(path, os.path.join(self._dump, "placements.json"))
         return placement
 
-    def _apply(self, autop, placement) -> tuple[nn.Module, dict[str, torch.fx.GraphModule]]:
-        """apply_placement, recording the forward and backward graphs AutoParallel compiles
-        (with its no-op compiler in eager): what each step executes, for the plan report."""
+    def _apply(
+        self, autop, placement, *, eager: bool
+    ) -> tuple[nn.Module, dict[str, torch.fx.GraphModule], dict[str, torch.fx.GraphModule]]:
+        """apply_placement, recording the forward and backward graphs AutoParallel built and,
+        eager, the ones each step executes (bucketed), for the plan report."""
+        planned: dict[str, torch.fx.GraphModule] = {}
         executed: dict[str, torch.fx.GraphModule] = {}
         compile_graph = autop.compiler_fn
 
         def recording_compiler(gm, example_inputs, tag_forward=False):
-            executed.setdefault("forward" if tag_forward else "backward", gm)
-            return compile_graph(gm, example_inputs, tag_forward=tag_forward)
+            # The training forward, its backward, then the inference-only forward.
+            key = "forward" if tag_forward else "backward"
+            if not eager:
+                # torch.compile re-traces through AutoParallel's runner, which keeps the
+                # node metadata (its saved-activation tags) for Inductor.
+                planned.setdefault(key, gm)
+                executed.setdefault(key, gm)
+                return compile_graph(gm, example_inputs, tag_forward=tag_forward)
+            runner = self._eager_runner(gm)
+            planned.setdefault(key, gm)
+            executed.setdefault(key, runner if self.config.eager_overlap else gm)
+            return runner
 
         autop.compiler_fn = recording_compiler
         t0 = time.perf_counter()
         parallel_model = autop.apply_placement(placement)
         self.times.apply = time.perf_counter() - t0
-        return parallel_model, executed
+        return parallel_model, planned, executed
+
+    def _eager_runner(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        """The eager form of one of AutoParallel's graphs, a boxed callable.
+
+        AutoParallel runs its eager graphs through torch.fx.Interpreter, Python work per node
+        on every step (~2,100 nodes for the debug model), and issues one collective per
+        parameter. We run the graph's own generated code instead (the same ops in the same
+        order; the boxed calling convention frees each input after its last use, as the
+        Interpreter does), after Inductor's overlap scheduler bucketed its collectives and
+        moved them to overlap compute. Debug model, 2 CPU ranks, eager FSDP-like plan
+        against eager torchtitan FSDP, one benchmark of 3 interleaved rounds each: 1.71x
+        its step time with the Interpreter, 1.34x with generated code, 0.97x with bucketing
+        and overlap (131 -> 8 collectives a step; a 6-variant run: 1.33x, rounds 0.84-1.33x).
+        """
+        from torch._inductor import config as inductor_config
+        from torch._inductor.fx_passes.bucketing import bucket_all_reduce
+        from torch._inductor.fx_passes.overlap_scheduling import (
+            schedule_overlap_bucketing_from_inductor_configs,
+        )
+
+        runner = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        if self.config.eager_overlap:
+            cpu.install_compile_runtime()
+            with inductor_config.patch(
+                {
+                    "aten_distributed_optimizations.enable_overlap_scheduling": True,
+                    "aten_distributed_optimizations.collective_bucketing": True,
+                    "aten_distributed_optimizations.max_compute_pre_fetch": 10,
+                    # Inductor-only: dependencies for its scheduler, fused regions it codegens.
+                    "aten_distributed_optimizations.insert_overlap_deps": False,
+                    "aten_distributed_optimizations.enable_fusion_regions": False,
+                }
+            ):
+                schedule_overlap_bucketing_from_inductor_configs(runner)
+            if self.config.all_reduce_bucket_mb > 0:
+                bucket_all_reduce(
+                    runner, functools.partial(_bucket_cap_mb, self.config.all_reduce_bucket_mb)
+                )
+        runner.graph.set_codegen(torch.fx.graph._BoxedCodeGen())
+        runner.recompile()
+        assert runner._boxed_call  # AOTAutograd calls it with one list of inputs
+        return runner
 
     def _restore_aliases(self, parallel_model: nn.Module, names: dict[str, list[str]]) -> None:
         """Re-register the alias names the engine dropped, keep groups tied through init,
@@ -368,13 +432,13 @@ class AliasAwareAutoParallel(Configurable):
         )
         self._wrap_init(parallel_model)
 
-    def _report_plan(self, spec: PlanSpec, joint_graph, executed, parallel_model) -> None:
+    def _report_plan(self, spec: PlanSpec, joint_graph, planned, executed, parallel_model) -> None:
         self.report = build_report(
             mesh_axes=spec.axes,
             mesh_shape=tuple(spec.mesh.shape),
             joint_graph=joint_graph,
-            forward_graph=executed["forward"],
-            backward_graph=executed["backward"],
+            planned=planned,
+            executed=executed,
             parallel_model=parallel_model,
         )
         logger.info(
@@ -391,7 +455,7 @@ class AliasAwareAutoParallel(Configurable):
         if len(self._scheduled_graphs) < 2:
             return False
         self.report.collectives = collectives(self._scheduled_graphs)
-        self.report.compiled = True
+        self.report.compiled = self.report.bucketed = True
         from torch._dynamo.utils import counters
 
         caches = ", ".join(

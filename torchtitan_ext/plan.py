@@ -45,6 +45,11 @@ class PlanReport:
     collectives: dict[str, CollectiveStats] = field(default_factory=dict)
     """Collective kind -> count and bytes (output size; all_to_all: what this rank sends
     when the routing sets what it receives) per training step, on one rank."""
+    planned: dict[str, CollectiveStats] = field(default_factory=dict)
+    """The same, in the graphs AutoParallel built: one collective per parameter and
+    redistribution, before any bucketing."""
+    bucketed: bool = False
+    """Whether ``collectives`` were read after bucketing (eager_overlap, or compiled)."""
     compiled: bool = False
     """Whether ``collectives`` were read from Inductor's graphs after its bucketing."""
     parameters: dict[str, list[str]] = field(default_factory=dict)
@@ -60,20 +65,29 @@ class PlanReport:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     def lines(self) -> list[str]:
-        collective_text = ", ".join(
-            f"{s.count} {kind} ({s.bytes / 2**20:.1f} MiB)"
-            for kind, s in sorted(self.collectives.items())
-        )
+        def text(stats: dict[str, CollectiveStats]) -> str:
+            return (
+                ", ".join(
+                    f"{s.count} {kind} ({s.bytes / 2**20:.1f} MiB)"
+                    for kind, s in sorted(stats.items())
+                )
+                or "none"
+            )
+
         parameters = "; ".join(f"{len(v)} {k}" for k, v in sorted(self.parameters.items()))
         low, high = self.matmul_batch_share
-        executed = "compiled, after bucketing" if self.compiled else "eager"
+        executed = "compiled" if self.compiled else "eager"
+        if self.bucketed:
+            executed += ", after bucketing"
         lines = [
             f"mesh {self.mesh}",
-            f"collectives per step ({executed}): {collective_text or 'none'}",
+            f"collectives per step ({executed}): {text(self.collectives)}",
             f"parameters: {parameters}",
             f"forward matmul FLOPs on this rank: {self.forward_flop_share:.3f} of the model; "
             f"rows per matmul: {low:.3f}-{high:.3f} of the global batch",
         ]
+        if self.bucketed:
+            lines.insert(2, f"collectives planned (before bucketing): {text(self.planned)}")
         if self.experts is not None:
             lines.append(f"experts per rank: {self.experts[0]} of {self.experts[1]} per layer")
         return lines
@@ -143,14 +157,18 @@ def build_report(
     mesh_axes: list[str],
     mesh_shape: tuple[int, ...],
     joint_graph: torch.fx.GraphModule,
-    forward_graph: torch.fx.GraphModule,
-    backward_graph: torch.fx.GraphModule,
+    planned: dict[str, torch.fx.GraphModule],
+    executed: dict[str, torch.fx.GraphModule],
     parallel_model: nn.Module,
 ) -> PlanReport:
     """Report the plan from the solver's joint graph (global shapes), the forward and backward
-    graphs the parallel module runs (this rank's shapes) and its parameters."""
+    graphs AutoParallel built and the ones each step runs (``planned`` and ``executed``,
+    this rank's shapes, keyed "forward" and "backward") and the parameters."""
+    forward_graph = planned["forward"]
     report = PlanReport(mesh=dict(zip(mesh_axes, mesh_shape, strict=True)))
-    report.collectives = collectives([forward_graph, backward_graph])
+    report.planned = collectives([planned["forward"], planned["backward"]])
+    report.collectives = collectives([executed["forward"], executed["backward"]])
+    report.bucketed = executed != planned
     for fqn, param in parallel_model.named_parameters():
         if isinstance(param, DTensor):
             key = ", ".join(f"{a}={p}" for a, p in zip(mesh_axes, param.placements, strict=True))
