@@ -1,6 +1,7 @@
-"""The soak script (tests/soak.py) on a small count: the main job, eager and compiled, in
-a row on 2 ranks, every run exiting 0 with no abort text. The full count (20 of 20 per
-mode) is run by hand: ``python -m tests.soak outputs/soak``."""
+"""The soak script (tests/soak.py) on a small count: the main job, eager, twice in a row on
+2 ranks, every run exiting 0 with no abort text. Compiled runs (a cold compile: 2.5 min
+each) and the full count (20 of 20 per mode) are run by hand:
+``python -m tests.soak outputs/soak``."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from tests import soak
 @pytest.mark.slow
 @pytest.mark.engine
 def test_main_job_runs_in_a_row_exit_cleanly(tmp_path, record_property):
-    results = soak.soak(runs=2, modes=["eager", "compiled"], steps=2, output=tmp_path)
+    results = soak.soak(runs=2, modes=["eager"], steps=2, output=tmp_path)
     record_property("runs", [(r.mode, r.returncode, r.seconds) for r in results])
     failed = [r for r in results if not r.passed]
     assert not failed, "\n".join(
