@@ -400,6 +400,7 @@ class AliasAwareAutoParallel(Configurable):
         its step time with the Interpreter, 1.34x with generated code, 0.97x with bucketing
         and overlap (131 -> 8 collectives a step; a 6-variant run: 1.33x, rounds 0.84-1.55x).
         """
+        from autoparallel.compile import _INDUCTOR_OVERLAP_PATCHES
         from torch._inductor import config as inductor_config
         from torch._inductor.fx_passes.bucketing import bucket_all_reduce
         from torch._inductor.fx_passes.overlap_scheduling import (
@@ -411,10 +412,9 @@ class AliasAwareAutoParallel(Configurable):
             cpu.install_compile_runtime()
             with inductor_config.patch(
                 {
-                    "aten_distributed_optimizations.enable_overlap_scheduling": True,
-                    "aten_distributed_optimizations.collective_bucketing": True,
-                    "aten_distributed_optimizations.max_compute_pre_fetch": 10,
-                    # Inductor-only: dependencies for its scheduler, fused regions it codegens.
+                    # The settings autoparallel_backend() compiles with, less what only
+                    # Inductor uses: dependencies for its scheduler, fused regions it codegens.
+                    **_INDUCTOR_OVERLAP_PATCHES,
                     "aten_distributed_optimizations.insert_overlap_deps": False,
                     "aten_distributed_optimizations.enable_fusion_regions": False,
                 }
