@@ -344,3 +344,21 @@ def test_replicate_by_shard_mesh_gets_hsdp(two_d_plans):
     assert report["mesh"] == {"dp_replicate": 2, "dp_shard": 2}
     assert all(p.startswith("dp_replicate=R, dp_shard=S(") for p in report["parameters"]), report
     assert report["forward_flop_share"] == pytest.approx(1 / 4)
+
+
+def test_matmul_sizes_of_a_dynamic_trace_count_by_their_example_values():
+    """Expert parallelism traces with symbolic sizes: a backed size counts by its example
+    value; a routed (unbacked) size is unknown, and a report with no known matmul says so
+    rather than claiming the whole model."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from torchtitan_ext.plan import PlanReport, _size_hint
+
+    env = ShapeEnv()
+    backed = env.create_symintnode(env.create_symbol(8, source=ConstantSource("batch")), hint=8)
+    assert _size_hint(backed * 4) == 32
+    assert _size_hint(env.create_unbacked_symint() * 4) is None
+    assert _size_hint(6) == 6
+    (line,) = [line for line in PlanReport(mesh={"ep": 2}).lines() if "matmul FLOPs" in line]
+    assert line == "forward matmul FLOPs on this rank: unknown (no matmul of known size)"

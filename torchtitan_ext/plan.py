@@ -54,10 +54,11 @@ class PlanReport:
     """Whether ``collectives`` were read from Inductor's graphs after its bucketing."""
     parameters: dict[str, list[str]] = field(default_factory=dict)
     """Placement (one entry per mesh axis, e.g. "dp_shard=S(0)") -> parameter FQNs."""
-    forward_flop_share: float = 1.0
-    """This rank's forward matmul FLOPs over the whole model's (1/dp for data parallel)."""
-    matmul_batch_share: tuple[float, float] = (1.0, 1.0)
-    """Min and max, over forward matmuls, of this rank's rows over the global rows."""
+    forward_flop_share: float | None = None
+    """This rank's forward matmul FLOPs over the whole model's (1/dp for data parallel),
+    over the matmuls whose sizes are known when tracing; None if none are."""
+    matmul_batch_share: tuple[float, float] | None = None
+    """Min and max, over those forward matmuls, of this rank's rows over the global rows."""
     experts: tuple[int, int] | None = None
     """MoE models: (experts each rank holds, experts per layer)."""
 
@@ -75,7 +76,14 @@ class PlanReport:
             )
 
         parameters = "; ".join(f"{len(v)} {k}" for k, v in sorted(self.parameters.items()))
-        low, high = self.matmul_batch_share
+        if self.forward_flop_share is None or self.matmul_batch_share is None:
+            compute = "forward matmul FLOPs on this rank: unknown (no matmul of known size)"
+        else:
+            low, high = self.matmul_batch_share
+            compute = (
+                f"forward matmul FLOPs on this rank: {self.forward_flop_share:.3f} of the "
+                f"model; rows per matmul: {low:.3f}-{high:.3f} of the global batch"
+            )
         executed = "compiled" if self.compiled else "eager"
         if self.bucketed:
             executed += ", after bucketing"
@@ -83,8 +91,7 @@ class PlanReport:
             f"mesh {self.mesh}",
             f"collectives per step ({executed}): {text(self.collectives)}",
             f"parameters: {parameters}",
-            f"forward matmul FLOPs on this rank: {self.forward_flop_share:.3f} of the model; "
-            f"rows per matmul: {low:.3f}-{high:.3f} of the global batch",
+            compute,
         ]
         if self.bucketed:
             lines.insert(2, f"collectives planned (before bucketing): {text(self.planned)}")
@@ -145,11 +152,19 @@ def _forward_matmuls(graph: torch.fx.GraphModule) -> list[tuple[int, int]]:
             a = node.args[0].meta["val"]
             contracted = a.shape[-1]
             rows = math.prod(out.shape[:-1])
-        flops = 2 * out.numel() * contracted
-        # Matmuls on routed tokens (expert parallelism) have run-time row counts: left out.
-        if isinstance(flops, int):
+        # A dynamic trace (expert parallelism) has symbolic sizes: their example values
+        # count. Matmuls on routed tokens have run-time row counts (no example): left out.
+        rows, flops = _size_hint(rows), _size_hint(2 * out.numel() * contracted)
+        if rows is not None and flops is not None:
             result.append((rows, flops))
     return result
+
+
+def _size_hint(size) -> int | None:
+    """An int size, a backed symbolic size's example value, or None (unbacked)."""
+    if isinstance(size, torch.SymInt):
+        return size.node.hint
+    return size if isinstance(size, int) else None
 
 
 def build_report(

@@ -150,7 +150,16 @@ CPU_RUNS = [
             RanksAgree(ranks=2, command=1),
             LossFalls(margin=0.2, command=0),
             LogContains((TIED_CAPTURED, NAMES_MATCH, EP_PLANNED), command=0),
-            LogContains(("mesh " + r"\{'ep': 2\}", "experts per rank: 32 of 64 per layer"), 0),
+            LogContains(
+                (
+                    "mesh " + r"\{'ep': 2\}",
+                    "experts per rank: 32 of 64 per layer",
+                    # Dense layers data-parallel: half the batch in every sized matmul.
+                    "forward matmul FLOPs on this rank: 0.500 of the model; "
+                    "rows per matmul: 0.500-0.500",
+                ),
+                0,
+            ),
             *KILL_AND_RESUME_CHECKS,
         ),
     ),
