@@ -637,7 +637,12 @@ def check_parallel_dims(parallel_dims) -> None:
 def check_compile(compile_config, parallel_dims) -> None:
     """ValueError for compiling an expert-parallel plan: Dynamo does not compile the
     parallel module's routing-dependent sizes (torch 2.14: PendingUnbackedSymbolNotFound
-    on the expert region's all_to_all splits)."""
+    on the expert region's all_to_all splits). Inductor run directly on AutoParallel's
+    forward and backward graphs (compile_fx_inner as its compiler_fn, no Dynamo) compiles
+    and trains, but its step-1 loss differs from eager's by up to 2e-3 and from run to run
+    (Qwen3 MoE debug, EP 2: 7.6220-7.6506 against 7.6405; also without overlap scheduling,
+    buffer reuse or pattern passes, and with every op an ATen fallback): refused until
+    that is understood."""
     if parallel_dims.ep > 1 and compile_config.enable and "model" in compile_config.components:
         raise ValueError(
             f"--compile.enable with --parallelism.expert_parallel_degree {parallel_dims.ep}: "
