@@ -166,3 +166,31 @@ def test_without_autoparallel_the_autoparallel_half_skips_with_a_line(tmp_path):
     assert not (tmp_path / "out" / "latest.png").exists()
     assert "no chart: matplotlib is not installed (pip install -e '.[bench]'" in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_cold_start_table_keeps_measured_points_and_measures_the_rest(monkeypatch):
+    """benchmarks/scaling.py --named: a point already in the results file is kept (a large
+    MoE point takes minutes), every other one is measured, and the table shows each."""
+    from benchmarks import scaling
+
+    measured = []
+
+    def run_point(args):
+        measured.append(args)
+        name, mesh, ep = args[1], int(args[3]), int(args[5])
+        return {"config": name, "layers": 2, "mesh": mesh, "ep": ep, "trace": 1.0,
+                "solve": 0.5, "apply": 2.0, "experts": [2, 128] if ep > 1 else None,
+                "collectives": {"all_gather": 3, "all_to_all": 4 * (ep > 1)}}  # fmt: skip
+
+    monkeypatch.setattr(scaling, "_run_point", run_point)
+    first_name, first_mesh, first_ep = scaling.NAMED[0]
+    done = [run_point(["--config", first_name, "--mesh", str(first_mesh), "--ep", str(first_ep)])]
+    measured.clear()
+    points = scaling.named_table(done)
+    assert points[0] is done[0]
+    assert len(measured) == len(scaling.NAMED) - 1
+    assert [(p["config"], p["mesh"], p["ep"]) for p in points] == list(scaling.NAMED)
+    table = scaling.named_markdown(points)
+    assert table.count("\n| ") == len(scaling.NAMED) + 1  # header and one row a point
+    assert "| 2 of 128 | 3 all_gather, 4 all_to_all (after eager bucketing) |" in table
+    assert "(planned, bucketed at step 1 by Inductor)" in table  # the compiled configs
