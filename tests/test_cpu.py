@@ -187,6 +187,7 @@ if sys.argv[1] == "then-fail":
 """
 
 
+@pytest.mark.slow  # a torch process per case
 @pytest.mark.parametrize("case", ["success", "then-fail", "not-an-entry-point"])
 def test_successful_training_process_skips_interpreter_teardown(case, tmp_path):
     """After a successful run the entry point exits 0 before gloo's teardown can abort it;

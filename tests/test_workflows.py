@@ -205,6 +205,7 @@ def _pytest_without_engine(tmp_path, *args: str, require: str) -> subprocess.Com
     )  # fmt: skip
 
 
+@pytest.mark.slow  # two pytest processes
 def test_a_broken_engine_skips_where_optional_and_fails_where_required(tmp_path):
     optional = _pytest_without_engine(tmp_path, require="0")
     assert optional.returncode == 0, optional.stdout
