@@ -164,12 +164,13 @@ def main() -> None:
         results = args.output.with_suffix(".json")
         done = [] if args.fresh or not results.exists() else json.loads(results.read_text())
         points = named_table(done)
-        args.output.with_suffix(".json").write_text(json.dumps(points, indent=2))
-        args.output.with_suffix(".md").write_text(named_markdown(points))
-        print(named_markdown(points))
+        table = named_markdown(points)
+        results.write_text(json.dumps(points, indent=2))
+        args.output.with_suffix(".md").write_text(table)
+        print(table)
         return
     if args.mesh is None:
-        parser.error("--mesh is required (or --all)")
+        parser.error("--mesh is required (or --named)")
     print(json.dumps(plan_point(args.config, mesh=args.mesh, layers=args.layers, ep=args.ep)))
 
 
