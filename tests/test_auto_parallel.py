@@ -177,7 +177,10 @@ def test_placement_file_is_saved_then_loaded_without_a_solve(fsdp_like, monkeypa
     from autoparallel.api import AutoParallel
 
     monkeypatch.setattr(AutoParallel, "optimize_placement", no_solve)
-    config = parse("--autoparallel.placement_file", "placements.json")
+    # Without the graph cache, which would skip AutoParallel altogether (test_graph_cache).
+    config = parse(
+        "--autoparallel.placement_file", "placements.json", "--autoparallel.graph_cache_dir", ""
+    )
     _, loaded, loaded_component = parallelize(config, dump_folder=dump)
     assert loaded_component.report == component.report
     placements = {n: p.placements for n, p in parallel.named_parameters()}

@@ -8,6 +8,7 @@ verified. The Trainer then calls ``to_empty()`` and ``init_weights()`` on it as 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -28,7 +29,7 @@ from torchtitan.distributed.fsdp import get_fsdp_reshard_after_forward_policy
 from torchtitan.models.common.moe import RoutedExperts
 from torchtitan.tools.logging import logger
 
-from torchtitan_ext import cpu
+from torchtitan_ext import cpu, graph_cache
 from torchtitan_ext.aliases import AliasError, AliasMap, storage_bytes, unique_storage_bytes
 from torchtitan_ext.moe import EP_DATA_AXES, enable_expert_parallel
 from torchtitan_ext.plan import PlanReport, build_report, collectives
@@ -69,6 +70,10 @@ class PhaseTimes:
     alias_restore: float = 0.0
     alias_verify: float = 0.0
     init: float = 0.0
+    graph_cache_load: float = 0.0
+    """A warm start: reading the graph cache and rebuilding the module (trace, solve and
+    apply are then 0)."""
+    graph_cache_save: float = 0.0
 
 
 @dataclass(slots=True)
@@ -139,6 +144,13 @@ class AliasAwareAutoParallel(Configurable):
         graphs without code generation); gradient all-reduces are bucketed by
         all_reduce_bucket_mb. False: one collective per parameter, where the plan puts it."""
 
+        graph_cache_dir: str = "graph_cache"
+        """Eager plans without expert parallelism: folder of the graph cache
+        (torchtitan_ext/graph_cache.py). A start whose model, mesh, batch, dtypes,
+        constraints, placement file and versions equal a cached start's rebuilds the
+        parallel model from it and skips tracing, solving and applying. Relative paths are
+        under dump_folder; empty: no cache."""
+
         dump_placements: bool = False
         """Write the solver's placements (placements.json, the placement_file format; and
         solution.txt, one line per graph node) to <dump_folder>/autoparallel/ on rank 0.
@@ -166,8 +178,6 @@ class AliasAwareAutoParallel(Configurable):
         ac_config,
         dump_folder: str,
     ) -> nn.Module:
-        from autoparallel.api import AutoParallel
-
         check_parallel_dims(parallel_dims)
         check_compile(compile_config, parallel_dims)
         compile_model = compile_config.enable and "model" in compile_config.components
@@ -184,31 +194,132 @@ class AliasAwareAutoParallel(Configurable):
         names = self._capture_aliases(model)
         spec = self._plan_spec(model, parallel_dims, training, parallelism, dump_folder)
         expert_parallel = "ep" in spec.axes
+        cache_dir, cache_key = self._graph_cache_key(
+            spec, dump_folder, usable=not compile_model and not expert_parallel
+        )
+        if cache_dir:
+            parallel_model = self._load_cached(model, spec, cache_dir, cache_key)
+            if parallel_model is not None:
+                self._restore_aliases(parallel_model, names)
+                self._log_report(source="from the graph cache")
+                return parallel_model
         if expert_parallel:
             self._enable_expert_parallel(model, spec)
+        try:
+            parallel_model, autop, captured = self._trace_solve_apply(
+                model, spec, names, compile_model=compile_model, serializable=bool(cache_dir)
+            )
+        except graph_cache.NotSerializable as e:
+            # AOTAutograd refused to bundle the graphs; its failed attempt left
+            # AutoParallel's state half-compiled, so plan again, without the cache.
+            logger.warning(f"AutoParallel: {e}; planning again without the graph cache")
+            cache_dir = ""
+            parallel_model, autop, captured = self._trace_solve_apply(
+                model, spec, names, compile_model=compile_model, serializable=False
+            )
+        if cache_dir:
+            # Keyed again: a solve may have just written the placement file, whose
+            # contents the next start's key holds.
+            _, cache_key = self._graph_cache_key(spec, dump_folder, usable=True)
+            self._save_cached(cache_dir, cache_key, captured, autop, parallel_model)
+        if compile_model:
+            self._compile(parallel_model, ac_config=ac_config, dump_folder=dump_folder)
+        return parallel_model
+
+    def _trace_solve_apply(self, model, spec: PlanSpec, names, *, compile_model, serializable):
+        """The cold start: AutoParallel's trace, constraints, solve (or placement file) and
+        apply, then the alias restore and the plan report. With ``serializable``, the
+        graphs are compiled in the form the graph cache saves (captured["compiled"])."""
+        from autoparallel.api import AutoParallel
+
+        captured: dict = {}
+        compiling = (
+            graph_cache.serializable_compile(captured) if serializable else contextlib.nullcontext()
+        )
         t0 = time.perf_counter()
-        with AutoParallel(
-            model,
-            spec.input_fn,
-            spec.mesh,
-            mp_policy=spec.mp_policy,
-            reshard_after_forward=spec.reshard_after_forward,
-            # The tokens each rank's experts receive depend on the routing: traced with
-            # unbacked sizes inside the expert region.
-            dynamic=expert_parallel,
-        ) as autop:
+        with (
+            compiling,
+            AutoParallel(
+                model,
+                spec.input_fn,
+                spec.mesh,
+                mp_policy=spec.mp_policy,
+                reshard_after_forward=spec.reshard_after_forward,
+                # The tokens each rank's experts receive depend on the routing: traced with
+                # unbacked sizes inside the expert region.
+                dynamic="ep" in spec.axes,
+            ) as autop,
+        ):
             self.times.trace = time.perf_counter() - t0
             self._constrain(autop, spec)
             placement = self._solve_or_load(autop, spec)
             parallel_model, planned, executed = self._apply(
-                autop, placement, eager=not compile_model
+                autop, placement, eager=not compile_model, serializable=serializable
             )
             joint_graph = autop.gm
         self._restore_aliases(parallel_model, names)
         self._report_plan(spec, joint_graph, planned, executed, parallel_model)
-        if compile_model:
-            self._compile(parallel_model, ac_config=ac_config, dump_folder=dump_folder)
+        return parallel_model, autop, captured
+
+    def _graph_cache_key(self, spec: PlanSpec, dump_folder: str, *, usable: bool):
+        """The graph cache's folder and this start's key; ("", {}) without a cache."""
+        if not self.config.graph_cache_dir or not usable:
+            return "", {}
+        cache_dir = self.config.graph_cache_dir
+        if not os.path.isabs(cache_dir):
+            cache_dir = os.path.join(dump_folder, cache_dir)
+        key = graph_cache.cache_key(
+            plan_key=spec.key,
+            mesh=spec.mesh,
+            options={
+                "eager_overlap": self.config.eager_overlap,
+                "all_reduce_bucket_mb": self.config.all_reduce_bucket_mb,
+            },
+            placement_file=spec.placement_path,
+        )
+        return cache_dir, key
+
+    def _load_cached(self, model, spec: PlanSpec, cache_dir: str, key: dict) -> nn.Module | None:
+        """The parallel model rebuilt from the graph cache, or None (a cold start follows)."""
+        t0 = time.perf_counter()
+        entry, where = graph_cache.load(cache_dir, key)
+        if entry is None:
+            logger.info(f"AutoParallel: graph cache miss ({where}): tracing")
+            return None
+        try:
+            parallel_model = graph_cache.build_parallel_module(model, entry, spec.mesh)
+        except Exception as e:  # an entry that cannot be rebuilt costs a cold start only
+            logger.warning(f"AutoParallel: graph cache entry {where} not usable ({e}): tracing")
+            return None
+        self.times.graph_cache_load = time.perf_counter() - t0
+        self.report = entry.report
+        logger.info(
+            f"AutoParallel: graph cache hit ({where}): no trace, solve or apply; loaded in "
+            f"{self.times.graph_cache_load:.1f}s"
+        )
         return parallel_model
+
+    def _save_cached(self, cache_dir, key, captured, autop, parallel_model) -> None:
+        if "compiled" not in captured:
+            return  # serializable_compile could not serialize (it said why)
+        t0 = time.perf_counter()
+        try:
+            entry = graph_cache.make_entry(
+                key=key,
+                captured=captured,
+                autop=autop,
+                parallel_model=parallel_model,
+                report=self.report,
+            )
+            path = graph_cache.save(cache_dir, entry)
+        except Exception as e:  # the run trains as well without a cache entry
+            logger.warning(f"AutoParallel: graph cache not saved ({type(e).__name__}: {e})")
+            return
+        self.times.graph_cache_save = time.perf_counter() - t0
+        logger.info(
+            f"AutoParallel: graph cache saved to {path} ({os.path.getsize(path) / 2**20:.1f} "
+            f"MiB, {self.times.graph_cache_save:.1f}s)"
+        )
 
     def _capture_aliases(self, model: nn.Module) -> dict[str, list[str]]:
         """Record the alias groups and every FQN of the original model before tracing."""
@@ -343,7 +454,7 @@ class AliasAwareAutoParallel(Configurable):
         return placement
 
     def _apply(
-        self, autop, placement, *, eager: bool
+        self, autop, placement, *, eager: bool, serializable: bool
     ) -> tuple[nn.Module, dict[str, torch.fx.GraphModule], dict[str, torch.fx.GraphModule]]:
         """apply_placement, recording the forward and backward graphs AutoParallel built and,
         eager, the ones each step executes (bucketed), for the plan report."""
@@ -379,7 +490,8 @@ class AliasAwareAutoParallel(Configurable):
             runner = self._eager_runner(gm)
             planned[key] = gm
             executed[key] = runner if self.config.eager_overlap else gm
-            return runner
+            # The graph cache saves AOTAutograd's serializable form, which takes OutputCode.
+            return graph_cache.eager_output_code(runner) if serializable else runner
 
         autop.compiler_fn = recording_compiler
         t0 = time.perf_counter()
@@ -457,10 +569,15 @@ class AliasAwareAutoParallel(Configurable):
             executed=executed,
             parallel_model=parallel_model,
         )
-        logger.info(
-            f"AutoParallel: trace {self.times.trace:.1f}s, solve {self.times.solve:.1f}s, "
-            f"apply {self.times.apply:.1f}s. Plan:\n  " + "\n  ".join(self.report.lines())
+        self._log_report(
+            source=f"trace {self.times.trace:.1f}s, solve {self.times.solve:.1f}s, "
+            f"apply {self.times.apply:.1f}s",
         )
+
+    def _log_report(self, *, source: str) -> None:
+        logger.info(f"AutoParallel: {source}. Plan:\n  " + "\n  ".join(self.report.lines()))
+        if _is_rank0():
+            os.makedirs(self._dump, exist_ok=True)
         self._write_report(self._dump)
 
     def report_compiled_plan(self) -> bool:
