@@ -415,33 +415,57 @@ def _not_comparable(entry: dict) -> str:
     return ""
 
 
+# Warm starts: each AutoParallel variant against torchtitan's own start of the same model
+# (eager with eager, compiled with compiled).
+WARM_BASELINES = {"ap_fsdp": "titan_fsdp", "ap_fsdp_compiled": "titan_fsdp_compiled"}
+
+
 def warm_starts(
-    *, ngpu: int, dump_root: Path, keys: list[str], seed_checkpoint: Path
+    *, ngpu: int, dump_root: Path, keys: list[str], seed_checkpoint: Path, rounds: int = 3
 ) -> dict[str, dict]:
-    """Start-to-first-step of a cold start and of a second start reusing the first one's
-    placement file and compile caches (same dump folder)."""
-    starts = {}
-    for key in keys:
+    """Start-to-first-step of a cold start, then of ``rounds`` interleaved warm starts
+    reusing the cold start's dump folder (placement file, graph cache, compile caches);
+    medians. torchtitan's variants get the same treatment (their warm start reuses only the
+    compile caches): they are the baselines."""
+    extra = ("--autoparallel.placement_file", "placements.json")
+    starts: dict[str, dict] = {}
+    warm: dict[str, list[float]] = {key: [] for key in keys}
+    phases: dict[str, list[dict]] = {key: [] for key in keys}
+
+    def start(key: str, attempt: int) -> tuple[float, dict]:
         variant = BY_KEY[key]
-        dump = dump_root / f"warm-{key}"
-        extra = ("--autoparallel.placement_file", "placements.json")
-        times, phases = [], []
-        for attempt in range(2):
-            result = run_variant(
-                variant, round_index=attempt, ngpu=ngpu, warmup=1, steps=1, dump=dump,
-                seed_checkpoint=seed_checkpoint, extra=extra,
-            )  # fmt: skip
-            times.append(result.start_to_first_step_s if result.returncode == 0 else float("nan"))
-            phases.append(result.startup.get("seconds", {}))
-        starts[key] = {
-            "label": variant.label,
-            "cold_s": times[0],
-            "warm_s": times[1],
+        result = run_variant(
+            variant, round_index=attempt, ngpu=ngpu, warmup=1, steps=1,
+            dump=dump_root / f"warm-{key}", seed_checkpoint=seed_checkpoint,
+            extra=extra if variant.autoparallel else (),
+        )  # fmt: skip
+        seconds = result.start_to_first_step_s if result.returncode == 0 else float("nan")
+        print(f"start {attempt} {key}: {seconds:.1f} s", flush=True)
+        return seconds, result.startup.get("seconds", {})
+
+    for key in keys:
+        shutil.rmtree(dump_root / f"warm-{key}", ignore_errors=True)
+        cold_s, cold_phases = start(key, 0)
+        starts[key] = {"label": BY_KEY[key].label, "cold_s": cold_s, "cold_phases_s": cold_phases}
+    for round_index in range(rounds):
+        for key in keys[round_index % len(keys) :] + keys[: round_index % len(keys)]:
+            seconds, warm_phases = start(key, round_index + 1)
+            warm[key].append(seconds)
+            phases[key].append(warm_phases)
+    for key in keys:
+        starts[key] |= {
+            "warm_s": _median(warm[key]),
+            "warm_rounds_s": warm[key],
             # Where the warm start's time goes: AutoParallel's phases, the rest is launch,
             # model build, compilation (at step 1) and step 1 itself.
-            "cold_phases_s": phases[0],
-            "warm_phases_s": phases[1],
+            "warm_phases_s": phases[key][-1] if phases[key] else {},
         }
+        baseline = WARM_BASELINES.get(key)
+        if baseline in starts:
+            starts[key]["vs"] = {
+                "baseline": baseline,
+                "warm_s_ratio": starts[key]["warm_s"] / starts[baseline]["warm_s"],
+            }
     return starts
 
 
@@ -503,22 +527,27 @@ def _markdown(report: dict) -> str:
         for variant, e in phases:
             p = e["startup_phases_s"]
             alias = p["alias_capture"] + p["alias_restore"] + p["alias_verify"]
-            share = alias / (p["trace"] + p["solve"] + p["apply"])
+            share = alias / (p["trace"] + p["solve"] + p["apply"] + p.get("graph_cache_load", 0))
             cells = " | ".join(f"{p[n]:.3f}" for n in names)
             lines.append(f"| {variant.label} | {cells} | {share:.2%} | {e['alias_extra_bytes']} |")
     if report.get("warm_starts"):
         lines += [
             "",
-            "| start to step 1 | cold (s) | warm: placement file + caches (s) "
-            "| warm: trace / solve / apply / init (s) | warm: rest (s) |",
-            "|---|---|---|---|---|",
+            "| start to step 1 | cold (s) | warm, median (s) | warm rounds (s) "
+            "| warm / torchtitan's warm "
+            "| warm: trace / solve / apply / graph cache load / init (s) | warm: rest (s) |",
+            "|---|---|---|---|---|---|---|",
         ]
+        names = ("trace", "solve", "apply", "graph_cache_load", "init")
         for w in report["warm_starts"].values():
             p = w.get("warm_phases_s") or {}
-            split = " / ".join(f"{p.get(n, 0.0):.1f}" for n in ("trace", "solve", "apply", "init"))
-            rest = w["warm_s"] - sum(p.values())
+            split = " / ".join(f"{p.get(n, 0.0):.1f}" for n in names)
+            rest = w["warm_s"] - sum(p.get(n, 0.0) for n in names)
+            rounds = ", ".join(f"{t:.1f}" for t in w.get("warm_rounds_s", [w["warm_s"]]))
+            vs = w.get("vs")
+            ratio = f"{vs['warm_s_ratio']:.2f}x {BY_KEY[vs['baseline']].label}" if vs else ""
             lines.append(
-                f"| {w['label']} | {w['cold_s']:.1f} | {w['warm_s']:.1f} "
+                f"| {w['label']} | {w['cold_s']:.1f} | {w['warm_s']:.1f} | {rounds} | {ratio} "
                 f"| {split if p else ''} | {rest:.1f} |"
             )
     if report.get("scaling"):
@@ -602,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     seed_checkpoints = {
         name: make_seed_checkpoint(args.work, suite)
         for name, suite in SUITES.items()
-        if args.rounds and any(BY_KEY[k].suite == name for k in keys)
+        if (args.rounds or not args.no_warm) and any(BY_KEY[k].suite == name for k in keys)
     }
     for round_index in range(args.rounds):
         order = keys[round_index % len(keys) :] + keys[: round_index % len(keys)]
@@ -639,7 +668,8 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [asdict(r) | {"log_tail": r.log_tail[-500:]} for r in results],
     }
     report["ratios"] = ratios(report["summary"])
-    warm_keys = [k for k in ("titan_fsdp_compiled", "ap_fsdp", "ap_fsdp_compiled") if k in keys]
+    warm_keys = [k for k in ("titan_fsdp", "ap_fsdp", "titan_fsdp_compiled", "ap_fsdp_compiled")
+                 if k in keys]  # fmt: skip
     if not args.no_warm and warm_keys and "dense" in seed_checkpoints:
         report["warm_starts"] = warm_starts(
             ngpu=args.ngpu, dump_root=args.work, keys=warm_keys,

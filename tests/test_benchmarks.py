@@ -77,10 +77,16 @@ def test_summary_takes_medians_across_rounds_and_compares_to_the_best_baseline()
     assert "torch_ddp" not in summary  # not run
 
     report["warm_starts"] = {
+        "titan_fsdp_compiled": {
+            "label": "torchtitan FSDP + per-block compile", "cold_s": 30.0, "warm_s": 20.0,
+            "warm_rounds_s": [21.0, 20.0, 19.0], "cold_phases_s": {}, "warm_phases_s": {},
+        },
         "ap_fsdp_compiled": {
             "label": "AutoParallel FSDP-like compiled", "cold_s": 200.0, "warm_s": 100.0,
-            "cold_phases_s": PHASES, "warm_phases_s": PHASES | {"solve": 0.0},
-        }
+            "warm_rounds_s": [100.0, 90.0, 110.0], "cold_phases_s": PHASES,
+            "warm_phases_s": PHASES | {"solve": 0.0, "graph_cache_load": 0.0},
+            "vs": {"baseline": "titan_fsdp_compiled", "warm_s_ratio": 5.0},
+        },
     }  # fmt: skip
     table = bench._markdown(report)
     row = "| AutoParallel FSDP-like compiled | 1.050 | 3,901 | 3 / 3 | agree (max 0) "
@@ -88,8 +94,13 @@ def test_summary_takes_medians_across_rounds_and_compares_to_the_best_baseline()
     assert "| 4.0 | 5 all_gather, 3 reduce_scatter |" in table  # state MiB, collectives
     # Alias share of trace + solve + apply: 0.02 / 10.
     assert "| 0.20% | 0 |" in table
-    # Warm start: phases, and the rest (launch, build, compile, step 1) = 100 - 9.52.
-    assert "| 200.0 | 100.0 | 8.0 / 0.0 / 1.0 / 0.5 | 90.5 |" in table
+    # Warm starts: median, rounds, ratio to torchtitan's warm start, phases, and the rest
+    # (launch, build, compile, step 1) = 100 - 9.5.
+    assert (
+        "| AutoParallel FSDP-like compiled | 200.0 | 100.0 | 100.0, 90.0, 110.0 "
+        "| 5.00x torchtitan FSDP + per-block compile | 8.0 / 0.0 / 1.0 / 0.0 / 0.5 | 90.5 |"
+    ) in table
+    assert "| torchtitan FSDP + per-block compile | 30.0 | 20.0 | 21.0, 20.0, 19.0 |  |" in table
 
 
 def test_a_variant_that_trains_something_else_gets_no_ratio_and_is_no_baseline():
