@@ -53,6 +53,12 @@ def _for_autoparallel(config):
     use_sdpa_attention(config.model_spec.model)
     config.loss = CrossEntropyLoss.Config(global_vocab_size=decoder_vocab_size(config.model_spec))
     config.activation_checkpoint = None
+    # On GPUs torchtitan 0.3.0 captures each forward+backward in a CUDA graph by default. The
+    # expert-parallel region reads its token counts on the host to size the all_to_all, which
+    # a CUDA graph cannot hold (torchtitan refuses such EP configs when it parses them), and
+    # AutoParallel's module has not been verified under capture: off for every AutoParallel
+    # config (--training.no-disable-cuda-graphs to try it on dense models).
+    config.training.disable_cuda_graphs = True
     return config
 
 

@@ -226,6 +226,19 @@ def test_expert_parallel_regions_keep_parameters_buffers_and_names(two_fake_rank
         enable_expert_parallel(odd, mesh=mesh, axes=("ep",))
 
 
+def test_expert_parallel_configs_parse_on_a_gpu_host(monkeypatch):
+    """On a GPU host (CPU adaptations off), torchtitan would refuse EP with CUDA graphs on."""
+    import torch
+
+    from torchtitan_ext import cpu
+
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    assert not cpu.use_cpu()
+    ep2 = ("--parallelism.expert_parallel_degree", "2")
+    for name, flags in ((MOE, ep2), ("deepseek_v3_debugmodel_autoparallel", ep2), (CONFIG, ())):
+        assert parse(*flags, config=name).training.disable_cuda_graphs, name
+
+
 def test_expert_parallel_plans_on_torchtitans_sparse_mesh():
     from torchtitan.distributed import ParallelDims
 
