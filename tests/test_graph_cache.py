@@ -229,3 +229,53 @@ def test_warm_module_computes_what_the_cold_one_does(config, tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "GRADS" in proc.stdout
+
+
+_COMPILED_START = r"""
+import os, sys, torch, torch.distributed as dist
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+dist.init_process_group("gloo", rank=0, world_size=1)
+from torch._dynamo.utils import counters
+from torchtitan.config import ConfigManager
+from torchtitan_ext.auto_parallel import plan_model
+config = ConfigManager().parse_args(["--module", "config_registry", "--config",
+    "llama3_debugmodel_autoparallel", "--compile.enable", "--training.seq_len", "64"])
+_, model, _ = plan_model(config, world_size=1, dump_folder=sys.argv[2])
+model.to_empty(device="cpu")
+with torch.no_grad():
+    model.init_weights(buffer_device=torch.device("cpu"))
+tokens = torch.randint(0, 256, (8, 64))
+model(tokens, positions=torch.arange(64).repeat(8, 1)).float().pow(2).mean().backward()
+inductor = counters["inductor"]
+print("FXGRAPH", inductor["fxgraph_cache_hit"], inductor["fxgraph_cache_miss"])
+"""
+
+
+@pytest.mark.slow  # two compiled starts in fresh processes (~70 s)
+@pytest.mark.engine
+def test_a_second_compiled_start_hits_inductors_fx_graph_cache(tmp_path):
+    """stable_inductor_cache_keys(): without it, every start misses (the DeviceMesh input's
+    pickled form differs between processes)."""
+    import socket
+
+    hits = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-c", _COMPILED_START, str(port), str(tmp_path)],
+            cwd=REPO_ROOT,
+            env={
+                **os.environ,
+                "PYTHONPATH": str(REPO_ROOT),
+                "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+            },  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        line = next(x for x in proc.stdout.splitlines() if x.startswith("FXGRAPH"))
+        hits.append(tuple(int(n) for n in line.split()[1:]))
+    assert hits == [(0, 2), (2, 0)], hits  # (hits, misses): forward and backward

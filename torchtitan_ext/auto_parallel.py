@@ -625,6 +625,7 @@ class AliasAwareAutoParallel(Configurable):
         from torch._inductor.fx_passes import overlap_scheduling
 
         cpu.install_compile_runtime()
+        graph_cache.stable_inductor_cache_keys()
         if self.config.compile_cache_dir:
             cache = os.path.join(dump_folder, self.config.compile_cache_dir)
             # Inductor (and the AOTAutograd cache under it) reads this at each lookup.
