@@ -64,9 +64,9 @@ def _for_autoparallel(config):
 
 def _large(config):
     """A large config trained through AutoParallel, compiled (autoparallel_backend: bucketed
-    collectives overlapped with compute). Compiled AutoParallel steps faster than eager
-    from the first minutes of a run on (benchmarks/), and real training runs longer;
-    --compile.no-enable turns it off."""
+    collectives overlapped with compute, AutoParallel's AC pass). On the CPU debug model
+    compiled and eager step alike in the latest benchmark (README, Compiled); at these sizes
+    it is not measured here. --compile.no-enable turns it off."""
     config = AutoParallelTrainer.Config.derived_from(_for_autoparallel(config))
     config.compile = CompileConfig(enable=True, components=["model"])
     use_bundled_assets_if_missing(config)
