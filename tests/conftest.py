@@ -18,6 +18,18 @@ import pytest
 REQUIRE_ENGINE_ENV = "TORCHTITAN_EXT_REQUIRE_ENGINE"
 
 
+@pytest.fixture(scope="module")
+def two_fake_ranks():
+    """A fake 2-rank process group for one test module: plans trace and solve, nothing runs."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    assert not dist.is_initialized()
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    yield
+    dist.destroy_process_group()
+
+
 def pytest_addoption(parser):
     parser.addoption(
         "--require-engine",

@@ -11,8 +11,6 @@ import sys
 import tomllib
 
 import pytest
-import torch.distributed as dist
-from torch.testing._internal.distributed.fake_pg import FakeStore
 from torchtitan.config import ConfigManager
 
 from tests._training import REPO_ROOT
@@ -112,14 +110,6 @@ def test_missing_autoparallel_says_how_to_install_it(monkeypatch):
 
 
 # --- plans, on a fake 2-rank process group (tracing and solving only) ---
-
-
-@pytest.fixture(scope="module")
-def two_fake_ranks():
-    assert not dist.is_initialized()
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
-    yield
-    dist.destroy_process_group()
 
 
 def parallelize(config, *, dump_folder):

@@ -11,8 +11,6 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
-from torch.testing._internal.distributed.fake_pg import FakeStore
 from torchtitan.config import ConfigManager
 
 from tests._training import REPO_ROOT
@@ -24,14 +22,6 @@ CONFIG = "llama3_debugmodel_autoparallel"
 
 def parse(*args: str):
     return ConfigManager().parse_args(["--module", "config_registry", "--config", CONFIG, *args])
-
-
-@pytest.fixture(scope="module")
-def two_fake_ranks():
-    assert not dist.is_initialized()
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
-    yield
-    dist.destroy_process_group()
 
 
 def one_layer(config):
