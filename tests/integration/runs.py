@@ -34,10 +34,19 @@ DEEPSEEK_V3 = "deepseek_v3_debugmodel_autoparallel"
 EP_PLANNED = r"AutoParallel: expert parallelism on 2 MoE layer\(s\)"
 
 
+TRACED = r"AutoParallel: trace [\d.]+s, solve [\d.]+s, apply [\d.]+s\. Plan:"
+# A rerun in the same dump folder rebuilds an eager plan from the graph cache.
+FROM_GRAPH_CACHE = (
+    r"AutoParallel: graph cache hit \(\S*graph_cache/\w+/rank0\.pkl\): no trace, solve or apply",
+    r"AutoParallel: from the graph cache\. Plan:",
+)
+
+
 def plan_lines(mesh: str, params: str, flop_share: str) -> tuple[str, ...]:
-    """The plan report's lines for a mesh, e.g. plan_lines("{'dp_shard': 2}", ...)."""
+    """The plan report's lines for a mesh, e.g. plan_lines("{'dp_shard': 2}", ...), traced
+    or from the graph cache."""
     return (
-        r"AutoParallel: trace [\d.]+s, solve [\d.]+s, apply [\d.]+s\. Plan:",
+        r"AutoParallel: (trace [\d.]+s, solve [\d.]+s, apply [\d.]+s|from the graph cache)\. Plan:",
         "mesh " + mesh.replace("{", r"\{").replace("}", r"\}"),
         r"collectives per step",
         r"parameters: \d+ " + params,
@@ -96,7 +105,8 @@ CPU_RUNS = [
         test_descr=(
             "1 rank, shared-RoPE AutoParallel config driven with MODULE= (torchtitan's name): "
             "aliases captured and restored; killed while saving its step-4 checkpoint, the "
-            "rerun resumes from step 2 and repeats steps 3-4 exactly"
+            "rerun rebuilds the model from the graph cache, resumes from step 2 and repeats "
+            "steps 3-4 exactly"
         ),
         config=SHARED_ROPE,
         tier="cpu",
@@ -108,6 +118,8 @@ CPU_RUNS = [
             LossFalls(command=0),
             LogContains(SHARED_ROPE_CAPTURED, command=0),
             LogContains((NAMES_MATCH, *plan_lines("{'dp_shard': 1}", r"dp_shard=\w+", "1.000"))),
+            LogContains((TRACED,), command=0),
+            LogContains(FROM_GRAPH_CACHE, command=1),  # and repeats steps 3-4 exactly
             *KILL_AND_RESUME_CHECKS,
         ),
     ),
