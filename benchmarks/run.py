@@ -473,8 +473,13 @@ def _markdown(report: dict) -> str:
     s = report["summary"]
     lines = [
         f"Measured {report['date']} on {report['machine']}, {report['ngpu']} ranks "
-        f"({report['backend']}), {report['rounds']} interleaved rounds of "
-        f"{report['warmup']} warm-up + {report['steps']} timed steps; medians.",
+        f"({report['backend']}), "
+        + (
+            f"{report['rounds']} interleaved rounds of {report['warmup']} warm-up + "
+            f"{report['steps']} timed steps; medians."
+            if report["rounds"]
+            else "warm starts only."
+        ),
         "",
         "Losses of every run are compared with its model's reference ("
         + ", ".join(BY_KEY[suite.reference].label for suite in SUITES.values())
