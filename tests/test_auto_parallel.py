@@ -269,6 +269,22 @@ def test_replicate_mesh_gets_the_ddp_like_plan(two_fake_ranks, tmp_path):
 
 @pytest.mark.slow  # a second plan of the debug model
 @pytest.mark.engine
+def test_ddp_like_plan_runs_eager_with_bucketed_all_reduces(two_fake_ranks, tmp_path):
+    """eager_overlap on a DDP-like plan: the overlap scheduler used to raise on cyclic
+    ordering hints in its backward (torch 2.14), failing the start."""
+    config = parse(
+        "--parallelism.data_parallel_replicate_degree", "2",
+        "--parallelism.data_parallel_shard_degree", "1",
+    )  # fmt: skip
+    _, _, component = parallelize(config, dump_folder=tmp_path)
+    report = component.report
+    assert report.bucketed and set(report.collectives) == {"all_reduce"}, report.collectives
+    planned, run = report.planned["all_reduce"], report.collectives["all_reduce"]
+    assert run.count * 5 <= planned.count and run.bytes == planned.bytes, (run, planned)
+
+
+@pytest.mark.slow  # a second plan of the debug model
+@pytest.mark.engine
 def test_no_reshard_after_forward_drops_the_backward_gathers(two_fake_ranks, tmp_path):
     config = parse("--parallelism.fsdp_reshard_after_forward", "never")
     model, _, component = parallelize(config, dump_folder=tmp_path)

@@ -529,6 +529,11 @@ class AliasAwareAutoParallel(Configurable):
                     **_INDUCTOR_OVERLAP_PATCHES,
                     "aten_distributed_optimizations.insert_overlap_deps": False,
                     "aten_distributed_optimizations.enable_fusion_regions": False,
+                    # The scheduler's ordering hints can form a cycle (torch 2.14; the DDP-like
+                    # plan's backward, with this machine's measured bandwidth: "detected 2
+                    # cyclic extra dep(s)", then RuntimeError). Autofix drops those hints;
+                    # the graph's own dependencies still order every node.
+                    "aten_distributed_optimizations.overlap_scheduling_autofix_cycles": True,
                 }
             ):
                 schedule_overlap_bucketing_from_inductor_configs(runner)
