@@ -283,6 +283,11 @@ class AliasAwareAutoParallel(Configurable):
         """The parallel model rebuilt from the graph cache, or None (a cold start follows)."""
         t0 = time.perf_counter()
         entry, where = graph_cache.load(cache_dir, key)
+        # Every rank must run the graphs of one start: a rank without an entry traces and
+        # schedules its collectives anew, so then every rank does.
+        every_rank_hit = cpu.agree_across_ranks(0.0 if entry is None else 1.0) == 1.0
+        if entry is not None and not every_rank_hit:
+            entry, where = None, "another rank has no usable entry"
         if entry is None:
             logger.info(f"AutoParallel: graph cache miss ({where}): tracing")
             return None

@@ -370,6 +370,24 @@ def _register_cpu_flash_attention_strategies() -> None:
         return [[_ShardingPlaceholder(dim)] * 9 for dim in (0, 1)]
 
 
+def agree_across_ranks(value: float) -> float:
+    """The lowest of every rank's ``value`` (the default process group; a fake one keeps it),
+    where every rank must decide alike: whether the graph cache serves this start, and the
+    memory bandwidth the overlap scheduler estimates from.
+
+    The overlap scheduler buckets and orders collectives by runtime estimates made from the
+    memory bandwidth, and each rank measures its own: ranks that measured differently issued
+    different all-reduce buckets (DDP-like eager, 2 CPU ranks: gloo "Received data size
+    doesn't match expected size. 743256 vs 699564", then abort, in 2 of 3 starts). Every
+    rank must schedule the same collectives, so they schedule from one figure."""
+    dist = torch.distributed
+    if not dist.is_initialized() or dist.get_world_size() == 1 or dist.get_backend() == "fake":
+        return value
+    agreed = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    return agreed.item()
+
+
 def measure_memory_bandwidth_gbs(*, nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
     """This process's memory bandwidth in GB/s: the best of a few large tensor copies,
     counting the bytes read and written."""
@@ -400,7 +418,7 @@ def install_compile_runtime() -> None:
     from torch._inductor import config as inductor_config
     from torch._inductor.analysis import device_info
 
-    bandwidth = measure_memory_bandwidth_gbs()
+    bandwidth = agree_across_ranks(measure_memory_bandwidth_gbs())
     datasheet_dram_bw_gbs = device_info.datasheet_dram_bw_gbs
 
     def dram_bw_gbs(device_name: str | None = None) -> float | None:
