@@ -221,7 +221,7 @@ class AliasAwareAutoParallel(Configurable):
             # Keyed again: a solve may have just written the placement file, whose
             # contents the next start's key holds.
             _, cache_key = self._graph_cache_key(spec, dump_folder, usable=True)
-            self._save_cached(cache_dir, cache_key, captured, autop, parallel_model)
+            self._save_cached(cache_dir, cache_key, captured, autop, parallel_model, spec)
         if compile_model:
             self._compile(parallel_model, ac_config=ac_config, dump_folder=dump_folder)
         return parallel_model
@@ -283,19 +283,26 @@ class AliasAwareAutoParallel(Configurable):
         """The parallel model rebuilt from the graph cache, or None (a cold start follows)."""
         t0 = time.perf_counter()
         entry, where = graph_cache.load(cache_dir, key)
-        # Every rank must run the graphs of one start: a rank without an entry traces and
-        # schedules its collectives anew, so then every rank does.
-        every_rank_hit = cpu.agree_across_ranks(0.0 if entry is None else 1.0) == 1.0
-        if entry is not None and not every_rank_hit:
-            entry, where = None, "another rank has no usable entry"
-        if entry is None:
-            logger.info(f"AutoParallel: graph cache miss ({where}): tracing")
+        parallel_model = None
+        if entry is not None:
+            try:
+                parallel_model = graph_cache.build_parallel_module(model, entry, spec.mesh)
+            except Exception as e:  # an entry that cannot be rebuilt costs a cold start only
+                where = f"{where} not usable ({type(e).__name__}: {e})"
+        # Every rank must run the graphs of one start: a rank without a usable entry traces
+        # and schedules its collectives anew, so then every rank does.
+        usable = 0.0 if parallel_model is None else 1.0
+        if cpu.agree_across_ranks(usable, device=spec.mesh.device_type) < 1.0:
+            log = logger.warning if entry is not None and parallel_model is None else logger.info
+            if parallel_model is not None:
+                where = "another rank has no usable entry"
+            log(f"AutoParallel: graph cache miss ({where}): tracing")
             return None
-        try:
-            parallel_model = graph_cache.build_parallel_module(model, entry, spec.mesh)
-        except Exception as e:  # an entry that cannot be rebuilt costs a cold start only
-            logger.warning(f"AutoParallel: graph cache entry {where} not usable ({e}): tracing")
-            return None
+        if spec.mesh.ndim != 1:
+            # AutoParallel's apply creates the flattened mesh's process group, which the
+            # cached collectives may name; new_group is collective, so only once every rank
+            # takes this path.
+            spec.mesh._flatten()
         self.times.graph_cache_load = time.perf_counter() - t0
         self.report = entry.report
         logger.info(
@@ -304,7 +311,7 @@ class AliasAwareAutoParallel(Configurable):
         )
         return parallel_model
 
-    def _save_cached(self, cache_dir, key, captured, autop, parallel_model) -> None:
+    def _save_cached(self, cache_dir, key, captured, autop, parallel_model, spec) -> None:
         if "compiled" not in captured:
             return  # serializable_compile could not serialize (it said why)
         t0 = time.perf_counter()
@@ -314,6 +321,7 @@ class AliasAwareAutoParallel(Configurable):
                 captured=captured,
                 autop=autop,
                 parallel_model=parallel_model,
+                input_placement=spec.input_placement,
                 report=self.report,
             )
             path = graph_cache.save(cache_dir, entry)

@@ -370,10 +370,11 @@ def _register_cpu_flash_attention_strategies() -> None:
         return [[_ShardingPlaceholder(dim)] * 9 for dim in (0, 1)]
 
 
-def agree_across_ranks(value: float) -> float:
+def agree_across_ranks(value: float, *, device: str = "cpu") -> float:
     """The lowest of every rank's ``value`` (the default process group; a fake one keeps it),
     where every rank must decide alike: whether the graph cache serves this start, and the
-    memory bandwidth the overlap scheduler estimates from.
+    memory bandwidth the overlap scheduler estimates from. ``device``: one the default
+    group's backend takes (an accelerator's under NCCL alone).
 
     The overlap scheduler buckets and orders collectives by runtime estimates made from the
     memory bandwidth, and each rank measures its own: ranks that measured differently issued
@@ -383,7 +384,7 @@ def agree_across_ranks(value: float) -> float:
     dist = torch.distributed
     if not dist.is_initialized() or dist.get_world_size() == 1 or dist.get_backend() == "fake":
         return value
-    agreed = torch.tensor([value], dtype=torch.float64)
+    agreed = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
     return agreed.item()
 

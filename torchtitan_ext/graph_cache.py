@@ -182,14 +182,16 @@ def eager_output_code(runner: torch.fx.GraphModule):
     return RegionalOutputCode(runner, ops_filter=None, node_metadata_key_filter=_no_metadata)
 
 
+# Module level, not a lambda: RegionalOutputCode pickles its filters with the graph.
 def _no_metadata(key: str) -> bool:
     return False
 
 
 def make_entry(
-    *, key: dict, captured: dict, autop, parallel_model: nn.Module, report
+    *, key: dict, captured: dict, autop, parallel_model: nn.Module, input_placement, report
 ) -> CacheEntry:
-    """The entry of a cold start, from AutoParallel's state after apply_placement."""
+    """The entry of a cold start, from AutoParallel's state after apply_placement;
+    ``input_placement``: the placements (one per mesh axis) the inputs were planned with."""
     from torch._dynamo.aot_compile_types import BundledAOTAutogradSerializableCallable
 
     jd = autop.joint_with_descriptors
@@ -200,14 +202,12 @@ def make_entry(
 
     traced = autop._traced_inputs
     flat_inputs, in_spec = torch.utils._pytree.tree_flatten((tuple(traced.args), traced.kwargs))
-    mesh = autop.mesh
     input_shapes = []
     for value in flat_inputs:
         shape = list(value.shape)
-        # Our inputs are Shard(0) on the data axes and replicated on tp (_plan_spec).
-        for axis in range(mesh.ndim):
-            if mesh.mesh_dim_names[axis] != "tp":
-                shape[0] //= mesh.size(axis)
+        for axis, placement in enumerate(input_placement):
+            if placement.is_shard():
+                shape[placement.dim] //= autop.mesh.size(axis)
         input_shapes.append(tuple(shape))
     return CacheEntry(
         key=key,
@@ -226,16 +226,13 @@ def make_entry(
 def build_parallel_module(model: nn.Module, entry: CacheEntry, mesh) -> nn.Module:
     """The parallel module of a cold start, rebuilt from ``entry``: the same class, FQNs,
     meta DTensor parameters and buffers with the same placements, and a forward that runs
-    the cached graphs as AutoParallel's forward runs its own."""
+    the cached graphs as AutoParallel's forward runs its own. Issues no collective (the
+    caller creates the flattened mesh's group once every rank has a module)."""
     from autoparallel.module_construction import make_parallel_module
     from torch._dynamo.aot_compile_types import BundledAOTAutogradSerializableCallable
     from torch.export._tree_utils import reorder_kwargs
 
     compiled = BundledAOTAutogradSerializableCallable.deserialize_compile_artifacts(entry.compiled)
-    if mesh.ndim != 1:
-        # AutoParallel's apply creates the flattened mesh's process group, which the cached
-        # collectives may name.
-        mesh._flatten()
 
     def sharded(spec: TensorSpec) -> DTensor:
         # As AutoParallel shards a parameter: replicated meta tensor, redistributed.
