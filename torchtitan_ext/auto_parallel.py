@@ -74,6 +74,9 @@ class PhaseTimes:
     """A warm start: reading the graph cache and rebuilding the module (trace, solve and
     apply are then 0)."""
     graph_cache_save: float = 0.0
+    compile: float = 0.0
+    """--compile.enable: Inductor compiling the forward and backward (during apply; not
+    counted in apply)."""
 
 
 @dataclass(slots=True)
@@ -129,9 +132,10 @@ class AliasAwareAutoParallel(Configurable):
         collectives that splitting it needs."""
 
         compile_cache_dir: str = "compile_cache"
-        """With --compile.enable: folder for Inductor's and AOTAutograd's compile caches, so
-        that a second start of the same config reuses the compiled code. Relative paths are
-        under dump_folder; empty keeps Inductor's default (TORCHINDUCTOR_CACHE_DIR)."""
+        """With --compile.enable: Inductor's cache folder, whose C++ kernels a second start
+        (from the graph cache, or compiling again) loads instead of building. Relative
+        paths are under dump_folder; empty keeps Inductor's default
+        (TORCHINDUCTOR_CACHE_DIR)."""
 
         all_reduce_bucket_mb: float = 4.0
         """Compiled, and eager with eager_overlap: merge adjacent independent all-reduces
@@ -145,11 +149,11 @@ class AliasAwareAutoParallel(Configurable):
         all_reduce_bucket_mb. False: one collective per parameter, where the plan puts it."""
 
         graph_cache_dir: str = "graph_cache"
-        """Eager plans without expert parallelism: folder of the graph cache
+        """Plans without expert parallelism: folder of the graph cache
         (torchtitan_ext/graph_cache.py). A start whose model, mesh, batch, dtypes,
-        constraints, placement file and versions equal a cached start's rebuilds the
-        parallel model from it and skips tracing, solving and applying. Relative paths are
-        under dump_folder; empty: no cache."""
+        constraints, compile settings, placement file and versions equal a cached start's
+        rebuilds the parallel model from it and skips tracing, solving, applying and
+        (compiled) Inductor. Relative paths are under dump_folder; empty: no cache."""
 
         dump_placements: bool = False
         """Write the solver's placements (placements.json, the placement_file format; and
@@ -163,9 +167,11 @@ class AliasAwareAutoParallel(Configurable):
         self.alias_map: AliasMap | None = None
         self.report: PlanReport | None = None
         self._dump = ""  # <dump_folder>/autoparallel: plan.json, startup.json, placements
-        # Compiled runs: Inductor's graphs after bucketing, for the report.
+        # Compiled runs: Inductor's graphs after bucketing, for the report, and the seconds
+        # Inductor took.
         self._compiled = False
         self._scheduled_graphs: list[torch.fx.GraphModule] = []
+        self._compile_s = 0.0
 
     def __call__(
         self,
@@ -190,12 +196,17 @@ class AliasAwareAutoParallel(Configurable):
         reset_autoparallel_caches()
         self.times = PhaseTimes()
         self._dump = os.path.join(dump_folder, "autoparallel")
+        self._compiled = False
+        self._scheduled_graphs = []
 
         names = self._capture_aliases(model)
         spec = self._plan_spec(model, parallel_dims, training, parallelism, dump_folder)
         expert_parallel = "ep" in spec.axes
+        ac = ac_config is not None
+        if compile_model:
+            self._prepare_compile(dump_folder, ac=ac)
         cache_dir, cache_key = self._graph_cache_key(
-            spec, dump_folder, usable=not compile_model and not expert_parallel
+            spec, dump_folder, usable=not expert_parallel, compile_model=compile_model, ac=ac
         )
         if cache_dir:
             parallel_model = self._load_cached(model, spec, cache_dir, cache_key)
@@ -207,7 +218,7 @@ class AliasAwareAutoParallel(Configurable):
             self._enable_expert_parallel(model, spec)
         try:
             parallel_model, autop, captured = self._trace_solve_apply(
-                model, spec, names, compile_model=compile_model, serializable=bool(cache_dir)
+                model, spec, names, compile_model=compile_model, ac=ac, serializable=bool(cache_dir)
             )
         except graph_cache.NotSerializable as e:
             # AOTAutograd refused to bundle the graphs; its failed attempt left
@@ -215,18 +226,20 @@ class AliasAwareAutoParallel(Configurable):
             logger.warning(f"AutoParallel: {e}; planning again without the graph cache")
             cache_dir = ""
             parallel_model, autop, captured = self._trace_solve_apply(
-                model, spec, names, compile_model=compile_model, serializable=False
+                model, spec, names, compile_model=compile_model, ac=ac, serializable=False
             )
         if cache_dir:
             # Keyed again: a solve may have just written the placement file, whose
             # contents the next start's key holds.
-            _, cache_key = self._graph_cache_key(spec, dump_folder, usable=True)
+            _, cache_key = self._graph_cache_key(
+                spec, dump_folder, usable=True, compile_model=compile_model, ac=ac
+            )
             self._save_cached(cache_dir, cache_key, captured, autop, parallel_model, spec)
-        if compile_model:
-            self._compile(parallel_model, ac_config=ac_config, dump_folder=dump_folder)
         return parallel_model
 
-    def _trace_solve_apply(self, model, spec: PlanSpec, names, *, compile_model, serializable):
+    def _trace_solve_apply(
+        self, model, spec: PlanSpec, names, *, compile_model: bool, ac: bool, serializable: bool
+    ):
         """The cold start: AutoParallel's trace, constraints, solve (or placement file) and
         apply, then the alias restore and the plan report. With ``serializable``, the
         graphs are compiled in the form the graph cache saves (captured["compiled"])."""
@@ -254,14 +267,20 @@ class AliasAwareAutoParallel(Configurable):
             self._constrain(autop, spec)
             placement = self._solve_or_load(autop, spec)
             parallel_model, planned, executed = self._apply(
-                autop, placement, eager=not compile_model, serializable=serializable
+                autop, placement, compile_model=compile_model, ac=ac, serializable=serializable
             )
             joint_graph = autop.gm
         self._restore_aliases(parallel_model, names)
         self._report_plan(spec, joint_graph, planned, executed, parallel_model)
+        if compile_model:
+            # Both graphs are compiled by now if the graph cache asked for the serializable
+            # form; else the backward is, at the first backward (train_step reports it).
+            self.report_compiled_plan()
         return parallel_model, autop, captured
 
-    def _graph_cache_key(self, spec: PlanSpec, dump_folder: str, *, usable: bool):
+    def _graph_cache_key(
+        self, spec: PlanSpec, dump_folder: str, *, usable: bool, compile_model: bool, ac: bool
+    ):
         """The graph cache's folder and this start's key; ("", {}) without a cache."""
         if not self.config.graph_cache_dir or not usable:
             return "", {}
@@ -274,6 +293,8 @@ class AliasAwareAutoParallel(Configurable):
             options={
                 "eager_overlap": self.config.eager_overlap,
                 "all_reduce_bucket_mb": self.config.all_reduce_bucket_mb,
+                "compile": compile_model,
+                "activation_checkpoint": ac,
             },
             placement_file=spec.placement_path,
         )
@@ -467,29 +488,23 @@ class AliasAwareAutoParallel(Configurable):
         return placement
 
     def _apply(
-        self, autop, placement, *, eager: bool, serializable: bool
+        self, autop, placement, *, compile_model: bool, ac: bool, serializable: bool
     ) -> tuple[nn.Module, dict[str, torch.fx.GraphModule], dict[str, torch.fx.GraphModule]]:
-        """apply_placement, recording the forward and backward graphs AutoParallel built and,
-        eager, the ones each step executes (bucketed), for the plan report."""
+        """apply_placement, with our compilers for the forward and backward AutoParallel
+        builds: Inductor (--compile.enable) or our eager runner. Records the graphs as
+        planned and, eager, as each step executes them (bucketed), for the plan report."""
         planned: dict[str, torch.fx.GraphModule] = {}
         executed: dict[str, torch.fx.GraphModule] = {}
-        compile_graph = autop.compiler_fn
 
-        def recording_compiler(gm, example_inputs, tag_forward=False):
+        def compile_graph(gm, example_inputs, tag_forward=False):
             # The training forward, its backward (inputs: tangents), the inference forward.
             tangents = any(
                 n.op == "placeholder" and n.name.startswith("tangents") for n in gm.graph.nodes
             )
             key = "forward" if tag_forward else "backward" if tangents else "inference"
-            if not eager:
-                # torch.compile re-traces through AutoParallel's runner, which keeps the
-                # node metadata (its saved-activation tags) for Inductor.
-                planned.setdefault(key, gm)
-                executed.setdefault(key, gm)
-                return compile_graph(gm, example_inputs, tag_forward=tag_forward)
             if key == "inference":
                 # Used by validation alone: its runner (the overlap scheduler, ~1 s) is
-                # built at its first call.
+                # built at its first call; eager also when compiled (no compile for it).
                 runner = None
 
                 def run_inference(args):
@@ -500,17 +515,80 @@ class AliasAwareAutoParallel(Configurable):
 
                 run_inference._boxed_call = True
                 return run_inference
+            if compile_model:
+                # Inductor's passes rewrite gm in place: the report's planned graph is a copy.
+                # Executed: until report_compiled_plan() reads Inductor's bucketed graphs.
+                planned[key] = executed[key] = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+                return self._inductor_compile(gm, example_inputs, backward=key == "backward")
             runner = self._eager_runner(gm)
             planned[key] = gm
             executed[key] = runner if self.config.eager_overlap else gm
             # The graph cache saves AOTAutograd's serializable form, which takes OutputCode.
             return graph_cache.eager_output_code(runner) if serializable else runner
 
-        autop.compiler_fn = recording_compiler
+        autop.compiler_fn = compile_graph
+        # AutoParallel's activation-checkpointing pass tags the joint graph before
+        # AOTAutograd partitions it (what autoparallel_backend does for Dynamo's graph).
+        joint_pass = _ac_joint_pass if compile_model and ac else None
+        self._compile_s = 0.0
         t0 = time.perf_counter()
-        parallel_model = autop.apply_placement(placement)
-        self.times.apply = time.perf_counter() - t0
+        with torch._functorch.config.patch(joint_custom_pass=joint_pass):
+            parallel_model = autop.apply_placement(placement)
+        self.times.apply = time.perf_counter() - t0 - self._compile_s
+        self.times.compile = self._compile_s
         return parallel_model, planned, executed
+
+    def _inductor_compile(self, gm: torch.fx.GraphModule, example_inputs, *, backward: bool):
+        """Inductor's code for one of AutoParallel's graphs, with the passes AutoParallel's
+        compile backend (autoparallel_backend) runs: collective bucketing, comm/compute
+        overlap scheduling and, with all_reduce_bucket_mb, all-reduce bucketing.
+
+        AutoParallel a54c252 expects torch.compile over its module: Dynamo traces the
+        module again and AOTAutograd makes a second joint graph, at every start (their
+        caches bypass AutoParallel's module), and its partitioner replays the first one's
+        choices. We compile the graphs AutoParallel already partitioned, as its API did
+        before a54c252 (compile=True: compile_fx_inner as the compiler): no Dynamo, so
+        no retrace at step 1, and the result is AOTAutograd's serializable form, which
+        the graph cache keeps for warm starts. Called by AOTAutograd at apply (the
+        backward at the first backward without the graph cache: the patches are
+        entered here, not around apply)."""
+        from autoparallel.api import _suppress_wait_tensor_side_effect
+        from autoparallel.compile import _INDUCTOR_OVERLAP_PATCHES
+        from torch._inductor import config as inductor_config
+        from torch._inductor.compile_fx import compile_fx_inner
+        from torch._inductor.fx_passes import overlap_scheduling
+
+        patches = dict(_INDUCTOR_OVERLAP_PATCHES)
+        if self.config.all_reduce_bucket_mb > 0:
+            # The overlap scheduler buckets FSDP's all-gathers and reduce-scatters, but leaves
+            # every gradient all-reduce on its own (44 a step for the debug model's DDP-like
+            # plan, each a gloo round trip); Inductor's all-reduce bucketing pass is off by
+            # default. Debug model, 2 CPU ranks, 2 rounds: 1.62 s/step unbucketed, 1.52 at
+            # 4 MB (6 buckets), 1.66 at 25 MB (one bucket, issued after the last gradient).
+            # torch 2.14's greedy bucketing reads the cap of bucket 0 for every bucket, so
+            # DDP's smaller first bucket cannot be asked for. A module-level partial keeps the
+            # config picklable (Inductor pickles its config for cache keys).
+            patches["bucket_all_reduces_fx"] = "all"
+            patches["bucket_all_reduces_fx_bucket_size_determinator"] = functools.partial(
+                _bucket_cap_mb, self.config.all_reduce_bucket_mb
+            )
+        schedule = overlap_scheduling.schedule_overlap_bucketing_from_inductor_configs
+
+        def recording_schedule(graph, *args, **kwargs):
+            result = schedule(graph, *args, **kwargs)
+            self._scheduled_graphs.append(graph)  # bucketed and reordered in place
+            return result
+
+        # Inductor imports the pass from this module each time it runs it.
+        overlap_scheduling.schedule_overlap_bucketing_from_inductor_configs = recording_schedule
+        t0 = time.perf_counter()
+        try:
+            with _suppress_wait_tensor_side_effect(), inductor_config.patch(patches):
+                compiled = compile_fx_inner(gm, example_inputs, is_backward=backward)
+        finally:
+            overlap_scheduling.schedule_overlap_bucketing_from_inductor_configs = schedule
+        self._compile_s += time.perf_counter() - t0
+        return compiled
 
     def _eager_runner(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         """The eager form of one of AutoParallel's graphs, a boxed callable.
@@ -589,7 +667,8 @@ class AliasAwareAutoParallel(Configurable):
         )
         self._log_report(
             source=f"trace {self.times.trace:.1f}s, solve {self.times.solve:.1f}s, "
-            f"apply {self.times.apply:.1f}s",
+            f"apply {self.times.apply:.1f}s"
+            + (f", compile {self.times.compile:.1f}s" if self.times.compile else ""),
         )
 
     def _log_report(self, *, source: str) -> None:
@@ -607,19 +686,9 @@ class AliasAwareAutoParallel(Configurable):
             return False
         self.report.collectives = collectives(self._scheduled_graphs)
         self.report.compiled = self.report.bucketed = True
-        from torch._dynamo.utils import counters
-
-        caches = ", ".join(
-            f"{name} {kind} {counters[group][f'{prefix}_{kind}']}"
-            for group, prefix, name in (
-                ("inductor", "fxgraph_cache", "FX graph"),
-                ("aot_autograd", "autograd_cache", "AOTAutograd"),
-            )
-            for kind in ("hit", "miss", "bypass")
-        )
         logger.info(
-            "AutoParallel: compiled plan:\n  "
-            + "\n  ".join([*self.report.lines(), f"compile caches: {caches}"])
+            f"AutoParallel: compiled plan (Inductor took {self._compile_s:.1f}s):\n  "
+            + "\n  ".join(self.report.lines())
         )
         self._write_report(self._dump)
         return True
@@ -629,58 +698,22 @@ class AliasAwareAutoParallel(Configurable):
             with open(os.path.join(dump, "plan.json"), "w") as f:
                 f.write(self.report.to_json())
 
-    def _compile(self, parallel_model: nn.Module, *, ac_config, dump_folder: str) -> None:
-        """Compile in place (FQNs unchanged) with AutoParallel's backend: Inductor with
-        collective bucketing and comm/compute overlap scheduling, plus AutoParallel's
-        activation-checkpointing pass when torchtitan's --activation_checkpoint asks for AC.
-
-        Inductor compiles the forward at the first call and the backward at the first
-        backward; report_compiled_plan() then re-reads the plan's collectives from those
-        graphs, after the overlap scheduler bucketed them.
-        """
-        from autoparallel.compile import autoparallel_backend
-        from torch._inductor import config as inductor_config
-        from torch._inductor.fx_passes import overlap_scheduling
-
+    def _prepare_compile(self, dump_folder: str, *, ac: bool) -> None:
+        """Before a compiled start (graph cache or cold): Inductor's cache folder (its C++
+        kernels) under the dump folder, its overlap scheduler working on CPU. Inductor's FX
+        graph cache does not serve AutoParallel's graphs (they are traced without a
+        ShapeEnv: "No shape env"); the graph cache does."""
         cpu.install_compile_runtime()
-        graph_cache.stable_inductor_cache_keys()
         if self.config.compile_cache_dir:
             cache = os.path.join(dump_folder, self.config.compile_cache_dir)
-            # Inductor (and the AOTAutograd cache under it) reads this at each lookup.
+            # Inductor reads this at each lookup; the graph cache's compiled graphs load
+            # their C++ kernels from it.
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(cache)
             logger.info(f"AutoParallel: compile caches in {os.environ['TORCHINDUCTOR_CACHE_DIR']}")
-        schedule = overlap_scheduling.schedule_overlap_bucketing_from_inductor_configs
-
-        def recording_schedule(gm, *args, **kwargs):
-            result = schedule(gm, *args, **kwargs)
-            self._scheduled_graphs.append(gm)  # bucketed and reordered in place
-            if len(self._scheduled_graphs) == 2:  # forward and backward: stop recording
-                overlap_scheduling.schedule_overlap_bucketing_from_inductor_configs = schedule
-            return result
-
-        # Inductor imports the pass from this module each time it runs it.
-        overlap_scheduling.schedule_overlap_bucketing_from_inductor_configs = recording_schedule
-        if self.config.all_reduce_bucket_mb > 0:
-            # The overlap scheduler buckets FSDP's all-gathers and reduce-scatters, but leaves
-            # every gradient all-reduce on its own (44 a step for the debug model's DDP-like
-            # plan, each a gloo round trip). Inductor's post-grad all-reduce bucketing pass is
-            # off by default and read at each compile, the lazy backward's too: set for the
-            # process, which compiles only this model. Debug model, 2 CPU ranks, 2 rounds:
-            # 1.62 s/step unbucketed, 1.52 at 4 MB (6 buckets), 1.66 at 25 MB (one
-            # bucket, issued after the last gradient).
-            # torch 2.14's greedy bucketing reads the cap of bucket 0 for every bucket, so
-            # DDP's smaller first bucket cannot be asked for. A module-level partial keeps the
-            # config picklable for Inductor's FX graph cache key.
-            inductor_config.bucket_all_reduces_fx = "all"
-            inductor_config.bucket_all_reduces_fx_bucket_size_determinator = functools.partial(
-                _bucket_cap_mb, self.config.all_reduce_bucket_mb
-            )
         self._compiled = True
-        backend = autoparallel_backend(enable_ac=ac_config is not None, overlap_scheduling=True)
-        parallel_model.compile(backend=backend, fullgraph=True)
         logger.info(
-            "AutoParallel: compiling with autoparallel_backend (bucketing and overlap "
-            f"scheduling on, AC pass {'on' if ac_config is not None else 'off'}) at the first step"
+            "AutoParallel: Inductor compiles the forward and backward AutoParallel builds "
+            f"(bucketing and overlap scheduling on, AC pass {'on' if ac else 'off'})"
         )
 
     def _check_aliases(
@@ -770,20 +803,28 @@ def check_parallel_dims(parallel_dims) -> None:
         )
 
 
+def _ac_joint_pass(graph_module: torch.fx.GraphModule, joint_inputs) -> torch.fx.GraphModule:
+    """AutoParallel's activation-checkpointing pass, as AOTAutograd's joint_custom_pass
+    (the signature it calls; "auto": stages of sqrt(recomputable memory))."""
+    from autoparallel.graph_passes.activation_checkpointing import ac_joint_pass
+
+    ac_joint_pass(graph_module.graph, "auto")
+    return graph_module
+
+
 def check_compile(compile_config, parallel_dims) -> None:
-    """ValueError for compiling an expert-parallel plan: Dynamo does not compile the
-    parallel module's routing-dependent sizes (torch 2.14: PendingUnbackedSymbolNotFound
-    on the expert region's all_to_all splits). Inductor run directly on AutoParallel's
-    forward and backward graphs (compile_fx_inner as its compiler_fn, no Dynamo) compiles
-    and trains, but its step-1 loss differs from eager's by up to 2e-3 and from run to run
-    (Qwen3 MoE debug, EP 2: 7.6220-7.6506 against 7.6405; also without overlap scheduling,
-    buffer reuse or pattern passes, and with every op an ATen fallback): refused until
-    that is understood."""
+    """ValueError for compiling an expert-parallel plan. Inductor compiles its forward and
+    backward (our compiler, as for every plan) and it trains, but its step-1 loss differs
+    from eager's by up to 2e-3 and from run to run (Qwen3 MoE debug, EP 2: 7.6220-7.6506
+    against 7.6405; also without overlap scheduling, buffer reuse or pattern passes, and
+    with every op an ATen fallback): refused until that is understood. (Through Dynamo,
+    as AutoParallel suggests, it does not compile: PendingUnbackedSymbolNotFound on the
+    expert region's all_to_all splits, torch 2.14.)"""
     if parallel_dims.ep > 1 and compile_config.enable and "model" in compile_config.components:
         raise ValueError(
             f"--compile.enable with --parallelism.expert_parallel_degree {parallel_dims.ep}: "
-            "the expert-parallel plan runs eager only (Dynamo cannot compile its "
-            "routing-dependent sizes); pass --compile.no-enable, or expert_parallel_degree 1"
+            "the expert-parallel plan runs eager only (compiled, its losses differ from "
+            "eager's run to run); pass --compile.no-enable, or expert_parallel_degree 1"
         )
 
 

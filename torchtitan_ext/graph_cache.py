@@ -16,10 +16,10 @@ rank and world size, the component's graph options, and the versions of torch, t
 AutoParallel and this package's source. So a changed model, mesh, batch, constraint or
 engine misses and the start is cold again; tests/test_graph_cache.py checks each.
 
-Eager plans without expert parallelism only: a compiled run goes through Dynamo and
-Inductor at its first step anyway (their own caches), and the expert-parallel graphs have
-routing-dependent (unbacked) sizes that AOTAutograd's serializer does not take. For compiled
-runs, stable_inductor_cache_keys() lets Inductor's own FX graph cache hit on a warm start.
+Plans without expert parallelism: their graphs have routing-dependent (unbacked) sizes that
+AOTAutograd's serializer does not take. Eager entries hold our eager runner's graphs;
+compiled entries (--compile.enable) hold Inductor's output code, whose C++ kernels load from
+Inductor's cache folder (the component's compile_cache_dir), built again if it was emptied.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ class CacheEntry:
 
     key: dict
     compiled: bytes
-    """AOTAutograd's bundled forward + backward (BundledAOTAutogradSerializableCallable)."""
+    """AOTAutograd's bundled forward + backward (BundledAOTAutogradSerializableCallable):
+    our eager runner's graphs, or Inductor's compiled code."""
     parameters: list[TensorSpec]
     """In the order the compiled graphs take them (AutoParallel's params_spec)."""
     buffers: list[TensorSpec]
@@ -145,7 +146,8 @@ def serializable_compile(captured: dict):
     and keeps only a closure around the result; we wrap the function it imported. With
     serializable=True AOTAutograd compiles the backward at once (not at the first backward)
     and bundles both graphs with its runtime metadata; the graphs and how they run are
-    unchanged. The fw/bw compilers must return an OutputCode (see eager_output_code)."""
+    unchanged. The fw/bw compilers must return an OutputCode: Inductor's compiled graph,
+    or our eager runner wrapped by eager_output_code."""
     import autoparallel.api as ap_api
 
     compile_joint = ap_api.aot_compile_joint_with_descriptors
@@ -267,44 +269,3 @@ def build_parallel_module(model: nn.Module, entry: CacheEntry, mesh) -> nn.Modul
     # A copy keeps the original meta model untouched: make_parallel_module copies each
     # submodule's __dict__ shallowly, so registering names would write into the original.
     return make_parallel_module(copy.deepcopy(model), parameters, buffers, forward_fn=forward)
-
-
-_stable_keys_installed = False
-
-
-def stable_inductor_cache_keys() -> None:
-    """Make Inductor's FX graph cache keys of AutoParallel's compiled graphs equal from one
-    start to the next, so that a warm compiled start loads Inductor's output instead of
-    running its graph passes and code generation again. Idempotent.
-
-    AutoParallel's graphs take the DeviceMesh as an (opaque) input. torch 2.14's cache
-    pickler keys it by pickling the whole DeviceMesh, whose pickled form differs between
-    processes although every item of the key hashes the same (the debug model on 1 rank:
-    "fxgraph_cache_miss 2" on every start). We key a DeviceMesh by what identifies it here:
-    device type, rank layout, axis names, process-group names and this rank's coordinate.
-    Measured: the second start's forward and backward then hit (fxgraph_cache_hit 2).
-    """
-    global _stable_keys_installed
-    if _stable_keys_installed:
-        return
-    from torch._inductor import codecache
-    from torch.distributed.device_mesh import DeviceMesh
-
-    reduce_fake_script_object = codecache.FxGraphCachePickler._reduce_fake_script_object
-
-    def reduce_device_mesh_by_identity(self, t):
-        mesh = t.real_obj
-        if not isinstance(mesh, DeviceMesh):
-            return reduce_fake_script_object(self, t)
-        identity = (
-            t.script_class_name,
-            mesh.device_type,
-            mesh.mesh.tolist(),
-            mesh.mesh_dim_names,
-            tuple(mesh.get_group(i).group_name for i in range(mesh.ndim)),
-            mesh.get_coordinate(),
-        )
-        return (codecache._ident, identity)
-
-    codecache.FxGraphCachePickler._reduce_fake_script_object = reduce_device_mesh_by_identity
-    _stable_keys_installed = True
