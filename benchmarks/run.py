@@ -129,6 +129,10 @@ VARIANTS = [
         "ap_moe_compiled", "MoE: AutoParallel, solver's plan (no EP), compiled", _MOE,
         _COMPILE, baselines=("titan_moe_ep",), autoparallel=True, suite="moe",
     ),
+    Variant(
+        "ap_moe_ep_compiled", "MoE: AutoParallel EP 2, compiled", _MOE, (*_EP, *_COMPILE),
+        baselines=("titan_moe_ep",), autoparallel=True, suite="moe",
+    ),
 ]  # fmt: skip
 BY_KEY = {v.key: v for v in VARIANTS}
 

@@ -80,11 +80,6 @@ BAD_FLAGS = {
         ("--parallelism.expert_parallel_degree 2: the model of this config has no MoE layer",
          "qwen3_moe_debug_autoparallel"),
     ),
-    "expert-parallel-compiled": (
-        ("--parallelism.expert_parallel_degree", "2", "--compile.enable"),
-        ("--compile.enable with --parallelism.expert_parallel_degree 2",
-         "pass --compile.no-enable"),
-    ),
     "expert-parallel-with-tensor-parallel": (
         ("--parallelism.expert_parallel_degree", "2", "--parallelism.tensor_parallel_degree", "2",
          "--parallelism.data_parallel_shard_degree", "1"),

@@ -7,7 +7,8 @@ clipping off:
 - torchtitan eager on 1 rank (``--parallelize torchtitan``);
 - torchtitan's own expert parallelism on 2 ranks (``--parallelize torchtitan
   --parallelism.expert_parallel_degree 2``, DTensor backend): the numerics reference for EP;
-- AutoParallel with ``--parallelism.expert_parallel_degree 2`` on 2 ranks.
+- AutoParallel with ``--parallelism.expert_parallel_degree 2`` on 2 ranks, eager and
+  compiled (``--compile.enable``).
 
 Compared as in tests/test_parity.py (``parity_problems``): every step's loss and gradient
 norm at full precision, every step-1 gradient before clipping under every name; and the
@@ -87,6 +88,8 @@ RUNS = {
     "eager": ((*FINAL_SAVE, "--parallelize", "torchtitan", "--training.local_batch_size", "8"), 1),
     "torchtitan_ep": ((*FINAL_SAVE, *TORCHTITAN_EP), 2),
     "autoparallel_ep": ((*FINAL_SAVE, *EP), 2),
+    # Inductor compiles the expert-parallel forward and backward (unbacked token counts).
+    "autoparallel_ep_compiled": ((*FINAL_SAVE, *EP, "--compile.enable"), 2),
 }
 _TRAINED: dict[str, tuple[Trained, dict[str, torch.Tensor]]] = {}
 
@@ -101,7 +104,7 @@ def trained(seed_checkpoint, tmp_path_factory) -> dict[str, tuple[Trained, dict]
 
 
 def test_runs_are_what_they_claim(trained):
-    eager, tt_ep, ap_ep = (trained[name][0].log for name in RUNS)
+    eager, tt_ep, ap_ep, ap_ep_compiled = (trained[name][0].log for name in RUNS)
     assert "AutoParallel: planning" not in eager and "AutoParallel: planning" not in tt_ep
     assert "ep=2" in tt_ep and "ep=1" in eager
     assert "AutoParallel: expert parallelism on 2 MoE layer(s)" in ap_ep
@@ -109,21 +112,24 @@ def test_runs_are_what_they_claim(trained):
     # Whole experts on each rank: half of the 64 per layer.
     assert "experts per rank: 32 of 64 per layer" in ap_ep
     assert "parameter tok_embeddings.weight = lm_head.weight" in ap_ep
-    for log in (eager, tt_ep, ap_ep):
+    assert "AutoParallel: compiled plan" in ap_ep_compiled
+    assert "experts per rank: 32 of 64 per layer" in ap_ep_compiled
+    for log in (eager, tt_ep, ap_ep, ap_ep_compiled):
         assert "global batch size 8," in log
 
 
-def test_autoparallel_ep_matches_eager(trained, request, record_property):
+@pytest.mark.parametrize("run", ["autoparallel_ep", "autoparallel_ep_compiled"])
+def test_autoparallel_ep_matches_eager(run, trained, request, record_property):
     """Every step's loss and gradient norm, every step-1 gradient, and the router's state
-    after 20 steps, against torchtitan eager on one rank."""
-    eager, ap = trained["eager"][0], trained["autoparallel_ep"][0]
+    after 20 steps, against torchtitan eager on one rank; eager and compiled."""
+    eager, ap = trained["eager"][0], trained[run][0]
     assert sorted(ap.losses) == sorted(eager.losses) == list(range(1, STEPS + 1))
     _report(request, record_property, "max_abs_diff_vs_eager", _max_diffs(eager, ap))
     assert parity_problems(eager, ap) == {"losses": [], "grad_norms": [], "gradients": []}
     # Every parameter has a gradient, experts and router included; clipping would have acted.
     assert {"layers.1.moe.routed_experts.inner_experts.w1_EFD", "lm_head.weight"} <= set(ap.grads)
     assert eager.grad_norms[1] > 1.0
-    _assert_router_state_equal(trained["eager"][1], trained["autoparallel_ep"][1])
+    _assert_router_state_equal(trained["eager"][1], trained[run][1])
 
 
 def test_autoparallel_ep_matches_torchtitan_ep(trained, request, record_property):
@@ -133,7 +139,7 @@ def test_autoparallel_ep_matches_torchtitan_ep(trained, request, record_property
     departs from eager within 20 steps here (by ~1e-3 at step 20, expert bias included)
     while AutoParallel's stays with eager (the test above); past that step the two EP runs
     are compared with eager, not with each other."""
-    eager, tt_ep, ap = (trained[name][0] for name in RUNS)
+    eager, tt_ep, ap = (trained[name][0] for name in ("eager", "torchtitan_ep", "autoparallel_ep"))
     window = _agreeing_prefix(eager, tt_ep)
     _report(request, record_property, "steps_torchtitan_ep_agrees_with_eager", len(window))
     assert len(window) >= 5, f"torchtitan's EP departs from eager at step {len(window) + 1}"

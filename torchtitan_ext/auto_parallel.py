@@ -185,7 +185,6 @@ class AliasAwareAutoParallel(Configurable):
         dump_folder: str,
     ) -> nn.Module:
         check_parallel_dims(parallel_dims)
-        check_compile(compile_config, parallel_dims)
         compile_model = compile_config.enable and "model" in compile_config.components
         if ac_config is not None and not compile_model:
             logger.warning(
@@ -812,22 +811,6 @@ def _ac_joint_pass(graph_module: torch.fx.GraphModule, joint_inputs) -> torch.fx
     return graph_module
 
 
-def check_compile(compile_config, parallel_dims) -> None:
-    """ValueError for compiling an expert-parallel plan. Inductor compiles its forward and
-    backward (our compiler, as for every plan) and it trains, but its step-1 loss differs
-    from eager's by up to 2e-3 and from run to run (Qwen3 MoE debug, EP 2: 7.6220-7.6506
-    against 7.6405; also without overlap scheduling, buffer reuse or pattern passes, and
-    with every op an ATen fallback): refused until that is understood. (Through Dynamo,
-    as AutoParallel suggests, it does not compile: PendingUnbackedSymbolNotFound on the
-    expert region's all_to_all splits, torch 2.14.)"""
-    if parallel_dims.ep > 1 and compile_config.enable and "model" in compile_config.components:
-        raise ValueError(
-            f"--compile.enable with --parallelism.expert_parallel_degree {parallel_dims.ep}: "
-            "the expert-parallel plan runs eager only (compiled, its losses differ from "
-            "eager's run to run); pass --compile.no-enable, or expert_parallel_degree 1"
-        )
-
-
 def memory_bounds(config: AliasAwareAutoParallel.Config, parallel_dims) -> tuple[float, float]:
     """The parameter memory each rank may hold, as fractions of the model: the config's
     bounds, defaulting to sharded on dp_shard x tp and replicated on a replicate-only mesh."""
@@ -919,7 +902,6 @@ def check_before_launch(config, parallel_dims) -> None:
     ones AutoParallel plans, the engine is installed, and a placement file was solved for
     this very plan. Raises ValueError or ImportError naming the problem and the fix."""
     check_parallel_dims(parallel_dims)
-    check_compile(config.compile, parallel_dims)
     if parallel_dims.ep > 1 and not list(config.model_spec.model.traverse(RoutedExperts.Config)):
         raise ValueError(
             f"--parallelism.expert_parallel_degree {parallel_dims.ep}: the model of this "
