@@ -11,8 +11,8 @@ parallelism).
     python -m benchmarks.scaling --config qwen3_30b_a3b_autoparallel --mesh 64 --ep 8
     python -m benchmarks.scaling --named    # every named point: results/cold-start.{json,md}
 
-Compile is not among the phases: Inductor compiles at the first step, which needs real
-tensors; the benchmark's start-up rows measure it for the debug model.
+Compiled configs report Inductor's compile of AutoParallel's graphs (at apply, on fake
+tensors) as its own phase, ``compile``.
 """
 
 from __future__ import annotations
