@@ -136,7 +136,7 @@ def named_markdown(points: list[dict]) -> str:
         # Points measured before Inductor compiled at apply (2026-12-04) have no compile
         # time: then Inductor compiled at step 1, and the plan's collectives were unbucketed.
         measured = "compile" in p
-        compile_s = f"{p['compile']:.1f}" if measured else ("at step 1" if compiled else "")
+        compile_s = "" if not compiled else f"{p['compile']:.1f}" if measured else "at step 1"
         form = (
             "after eager bucketing"
             if not compiled

@@ -190,18 +190,35 @@ def test_cold_start_table_keeps_measured_points_and_measures_the_rest(monkeypatc
         measured.append(args)
         name, mesh, ep = args[1], int(args[3]), int(args[5])
         return {"config": name, "layers": 2, "mesh": mesh, "ep": ep, "trace": 1.0,
-                "solve": 0.5, "apply": 2.0, "experts": [2, 128] if ep > 1 else None,
+                "solve": 0.5, "apply": 2.0, "compile": 4.0,
+                "experts": [2, 128] if ep > 1 else None,
                 "collectives": {"all_gather": 3, "all_to_all": 4 * (ep > 1)}}  # fmt: skip
 
     monkeypatch.setattr(scaling, "_run_point", run_point)
+    # Kept from an earlier results file: a compiled config's point measured before Inductor
+    # compiled at apply (no compile time).
+    old_name, old_mesh, old_ep = scaling.NAMED[-1]
+    old = run_point(["--config", old_name, "--mesh", str(old_mesh), "--ep", str(old_ep)])
+    del old["compile"]
     first_name, first_mesh, first_ep = scaling.NAMED[0]
-    done = [run_point(["--config", first_name, "--mesh", str(first_mesh), "--ep", str(first_ep)])]
+    done = [
+        run_point(["--config", first_name, "--mesh", str(first_mesh), "--ep", str(first_ep)]),
+        old,
+    ]
     measured.clear()
     points = scaling.named_table(done)
-    assert points[0] is done[0]
-    assert len(measured) == len(scaling.NAMED) - 1
+    assert points[0] is done[0] and points[-1] is old
+    assert len(measured) == len(scaling.NAMED) - 2
     assert [(p["config"], p["mesh"], p["ep"]) for p in points] == list(scaling.NAMED)
     table = scaling.named_markdown(points)
     assert table.count("\n| ") == len(scaling.NAMED) + 1  # header and one row a point
-    assert "| 2 of 128 | 3 all_gather, 4 all_to_all (after eager bucketing) |" in table
-    assert "(planned, bucketed at step 1 by Inductor)" in table  # the compiled configs
+    # The debug config is eager; the large ones compile at apply, the old point at step 1.
+    assert "| 3.5 |  |  | 3 all_gather, 0 all_to_all (after eager bucketing) |" in table
+    assert (
+        "| 3.5 | 4.0 | 2 of 128 | 3 all_gather, 4 all_to_all (after Inductor's bucketing) |"
+        in table
+    )
+    assert (
+        "| 3.5 | at step 1 | 2 of 128 | 3 all_gather, 4 all_to_all "
+        "(planned, bucketed at step 1 by Inductor) |" in table
+    )
