@@ -13,6 +13,7 @@ import contextlib
 import copy
 import functools
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -314,3 +315,8 @@ def two_rank_worker(rank: int, world_size: int, init_file: str, transforms: list
                 if transform == "autoparallel_sharded" and name not in SHARDED_TOYS:
                     continue
                 runs[transform](model_cls, mesh)
+    # A rank that finished can still abort in the interpreter's teardown under gloo
+    # (pytorch/pytorch#179291): end it first, as torchtitan_ext.cpu does for training.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

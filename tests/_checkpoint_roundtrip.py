@@ -254,6 +254,13 @@ def _autoparallel_rank(
         (workdir / f"autoparallel_rank{rank}.json").write_text(json.dumps(result, indent=1))
     finally:
         dist.destroy_process_group()
+    # A rank that finished can still abort in the interpreter's teardown under gloo
+    # (pytorch/pytorch#179291, "terminate called without an active exception"; once in a
+    # CI run here): end it first, as torchtitan_ext.cpu.skip_interpreter_teardown_after_success
+    # does for training processes.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main(argv: list[str]) -> int:
