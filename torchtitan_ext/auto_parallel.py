@@ -31,7 +31,11 @@ from torchtitan.tools.logging import logger
 
 from torchtitan_ext import cpu, graph_cache
 from torchtitan_ext.aliases import AliasError, AliasMap, storage_bytes, unique_storage_bytes
-from torchtitan_ext.moe import EP_DATA_AXES, enable_expert_parallel
+from torchtitan_ext.moe import (
+    EP_DATA_AXES,
+    enable_expert_parallel,
+    grouped_mm_inputs_keep_eager_strides,
+)
 from torchtitan_ext.plan import PlanReport, build_report, collectives
 
 # The AutoParallel commit this project is tested against; pyproject.toml's extra pins it too.
@@ -703,6 +707,7 @@ class AliasAwareAutoParallel(Configurable):
         graph cache does not serve AutoParallel's graphs (they are traced without a
         ShapeEnv: "No shape env"); the graph cache does."""
         cpu.install_compile_runtime()
+        grouped_mm_inputs_keep_eager_strides()
         if self.config.compile_cache_dir:
             cache = os.path.join(dump_folder, self.config.compile_cache_dir)
             # Inductor reads this at each lookup; the graph cache's compiled graphs load
