@@ -703,9 +703,10 @@ class AliasAwareAutoParallel(Configurable):
 
     def _prepare_compile(self, dump_folder: str, *, ac: bool) -> None:
         """Before a compiled start (graph cache or cold): Inductor's cache folder (its C++
-        kernels) under the dump folder, its overlap scheduler working on CPU. Inductor's FX
-        graph cache does not serve AutoParallel's graphs (they are traced without a
-        ShapeEnv: "No shape env"); the graph cache does."""
+        kernels and its FX graph cache) under the dump folder, its overlap scheduler working
+        on CPU, _grouped_mm's input strides. The FX graph cache serves only expert-parallel
+        graphs (the others are traced without a ShapeEnv: "No shape env"); the graph cache
+        serves the others."""
         cpu.install_compile_runtime()
         grouped_mm_inputs_keep_eager_strides()
         if self.config.compile_cache_dir:
