@@ -76,6 +76,9 @@ def plan_point(config_name: str, *, mesh: int, layers: int | None = None, ep: in
         "solve": times.solve,
         "apply": times.apply,
         "compile": times.compile,
+        # Whether the collectives below were read from Inductor's graphs: not when its
+        # backward compiles only at the first step (an expert-parallel plan).
+        "compiled_plan": component.report.compiled,
         "experts": component.report.experts,
         "forward_flop_share": component.report.forward_flop_share,
         "matmul_batch_share": component.report.matmul_batch_share,
@@ -132,18 +135,15 @@ def named_markdown(points: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in points:
-        compiled = getattr(config_registry, p["config"])().compile.enable
-        # Points measured before Inductor compiled at apply (2026-12-04) have no compile
-        # time: then Inductor compiled at step 1, and the plan's collectives were unbucketed.
-        measured = "compile" in p
-        compile_s = "" if not compiled else f"{p['compile']:.1f}" if measured else "at step 1"
-        form = (
-            "after eager bucketing"
-            if not compiled
-            else "after Inductor's bucketing"
-            if measured
-            else "planned, bucketed at step 1 by Inductor"
-        )
+        if not getattr(config_registry, p["config"])().compile.enable:
+            compile_s, form = "", "after eager bucketing"
+        elif "compile" not in p:
+            # Measured before Inductor compiled at apply (2026-12-04): it compiled at step 1.
+            compile_s, form = "at step 1", "planned, bucketed at step 1 by Inductor"
+        elif p["compiled_plan"]:
+            compile_s, form = f"{p['compile']:.1f}", "after Inductor's bucketing"
+        else:
+            compile_s, form = f"{p['compile']:.1f}", "planned; the backward compiles at step 1"
         experts = f"{p['experts'][0]} of {p['experts'][1]}" if p["experts"] else ""
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(p["collectives"].items()))
         kinds += f" ({form})"
