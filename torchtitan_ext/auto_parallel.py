@@ -575,6 +575,8 @@ class AliasAwareAutoParallel(Configurable):
             # plan, each a gloo round trip); Inductor's all-reduce bucketing pass is off by
             # default. Debug model, 2 CPU ranks, 2 rounds: 1.62 s/step unbucketed, 1.52 at
             # 4 MB (6 buckets), 1.66 at 25 MB (one bucket, issued after the last gradient).
+            # Again 2026-12-04, 3 interleaved rounds: 1.08-1.16 at 4 MB, 1.19-1.21 at 64 MB
+            # (one all-reduce after the backward, as torch DDP's; DDP compiled 1.05-1.07).
             # torch 2.14's greedy bucketing reads the cap of bucket 0 for every bucket, so
             # DDP's smaller first bucket cannot be asked for. A module-level partial keeps the
             # config picklable (Inductor pickles its config for cache keys).
