@@ -225,13 +225,16 @@ def grouped_mm_inputs_keep_eager_strides() -> None:
     """Have Inductor hand torch._grouped_mm its inputs in the eager graph's stride order.
     Idempotent; called before compiling (every plan: only graphs with _grouped_mm change).
 
-    torch 2.14's Inductor lowers _grouped_mm as a fallback that only asks for dense
-    inputs, so it may materialize the backward's transposed token matrix as a fresh
-    contiguous (dim, tokens) buffer, whose row stride is the number of tokens this rank
-    received. _grouped_mm needs strides that are multiples of 16 bytes (CPU and CUDA), and
-    that count depends on the routing: compiled EP 2 x efsdp 2 (4 CPU ranks) failed at
-    step 3 with "strides should be multiple of 16 bytes". Eager, the same matrix is a
-    transposed view of the (tokens, dim) buffer, whose strides are fixed by dim.
+    torch 2.14's Inductor lowering of _grouped_mm (tuned_grouped_mm, which picks the ATen
+    kernel on CPU) realizes its inputs asking only for some dim of stride 1, so it may
+    materialize the backward's transposed token matrix as a fresh contiguous (dim, tokens)
+    buffer, whose row stride is the number of tokens this rank received. _grouped_mm needs
+    strides that are multiples of 16 bytes (CPU and CUDA), and that count depends on the
+    routing: compiled EP 2 x efsdp 2 (4 CPU ranks) failed at step 3 with "strides should be
+    multiple of 16 bytes". Eager, the same matrix is a transposed view of the (tokens, dim)
+    buffer, whose strides are fixed by dim. Inductor's FX graph cache key does not hold
+    layout constraints: a graph compiled without this one is served unchanged
+    (tests/test_moe_inductor.py turns the cache off).
     """
     from torch._inductor.lowering import add_layout_constraint, constrain_to_fx_strides
 
