@@ -1,5 +1,5 @@
 """Configs for the benchmarks: our AutoParallel debug configs and their baselines. The
-benchmark counts one step's collectives with our Trainer's --collectives_step.
+benchmark profiles one step (collectives, kernel seconds) with our Trainer's --profile_step.
 
 Every variant of a suite trains the same model (dense: llama3 debug, tied embeddings, SDPA,
 plain cross-entropy; moe: the Qwen3 MoE debug config), on the same data and shapes; only

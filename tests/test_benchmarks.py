@@ -103,6 +103,30 @@ def test_summary_takes_medians_across_rounds_and_compares_to_the_best_baseline()
     assert "| torchtitan FSDP + per-block compile | 30.0 | 20.0 | 21.0, 20.0, 19.0 |  |" in table
 
 
+def test_the_floor_is_the_faster_runs_kernels_over_the_baselines_step():
+    """Kernel seconds (matmul + attention of the profiled step) give each ratio a floor:
+    the faster of the two runs' kernels over the baseline's step. A variant whose rounds
+    did not all time their kernels gets no kernel figure, and its ratios no floor."""
+    kernels = {"matmul": 0.75, "attention": 0.25}
+    results = [
+        *(_result("titan_fsdp", r, [2.0] * 3, kernel_s={"matmul": 0.9, "attention": 0.3})
+          for r in range(3)),
+        *(_result("ap_fsdp", r, [1.8] * 3, kernel_s=dict(kernels)) for r in range(3)),
+        *(_result("torch_ddp", r, [1.6] * 3, kernel_s=dict(kernels)) for r in range(3)),
+        *(_result("ap_ddp", r, [1.7] * 3, kernel_s=dict(kernels) if r else {})
+          for r in range(3)),
+    ]  # fmt: skip
+    report = _report(results, rounds=3)
+    assert report["summary"]["titan_fsdp"]["kernel_s_per_step"] == pytest.approx(1.2)
+    assert report["summary"]["ap_fsdp"]["kernel_s_per_step"] == pytest.approx(1.0)
+    assert "kernel_s_per_step" not in report["summary"]["ap_ddp"]
+    assert report["ratios"]["ap_fsdp"]["floor_ratio"] == pytest.approx(1.0 / 2.0)
+    assert "floor_ratio" not in report["ratios"]["ap_ddp"]
+    table = bench._markdown(report)
+    assert "| 0.90x torchtitan FSDP (floor 0.50x) | 1.000 |" in table
+    assert "| 1.06x torch DDP |  |" in table
+
+
 def test_a_variant_that_trains_something_else_gets_no_ratio_and_is_no_baseline():
     other = {4: 7.5, 5: 7.26, 6: 7.01}  # e.g. gradients averaged where they must be summed
     results = [

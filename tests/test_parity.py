@@ -48,7 +48,7 @@ RTOL, ATOL = 1e-4, 1e-5
 SEED = "42"
 NO_CLIPPING = ("--training.max_norm", "1e9")
 TB_TAGS = {"loss": "loss_metrics/global_avg_loss", "grad_norm": "grad_norm"}
-# The step whose collectives the runs count while it runs (not step 1, which compiles).
+# The step the runs profile while it runs (not step 1, which compiles).
 COUNTED_STEP = 2
 
 
@@ -63,6 +63,8 @@ class Trained:
     """FQN (every name, aliases included) -> full step-1 gradient before clipping."""
     collectives: dict[str, int]
     """Collectives of step COUNTED_STEP on rank 0, counted while it ran."""
+    kernel_s: dict[str, float]
+    """Seconds of step COUNTED_STEP's matmul and attention kernels on rank 0."""
 
 
 def _tensorboard(dump_folder: Path) -> dict[str, dict[int, float]]:
@@ -110,7 +112,7 @@ def _train(
         "--debug.seed", SEED, "--debug.deterministic",
         "--metrics.enable_tensorboard", "--metrics.save_tb_folder", "tb",
         "--grad_dump_step", "1",
-        "--collectives_step", str(COUNTED_STEP),
+        "--profile_step", str(COUNTED_STEP),
         *args,
         ngpu=ngpu,
         dump_folder=dump,
@@ -120,14 +122,15 @@ def _train(
     assert f"Loading the checkpoint from {dump}/checkpoint/step-0." in run.log
     seconds = time.perf_counter() - start
     scalars = _tensorboard(dump)
-    collectives = (dump / "collectives" / "rank0.json").read_text()
+    profiled = json.loads((dump / "step_profile" / "rank0.json").read_text())
     return Trained(
         log=run.log,
         seconds=seconds,
         losses=scalars["loss"],
         grad_norms=scalars["grad_norm"],
         grads=torch.load(dump / "grads" / "step-1.pt"),
-        collectives=json.loads(collectives)["counts"],
+        collectives=profiled["counts"],
+        kernel_s=profiled.get("kernel_s", {}),
     )
 
 
@@ -315,6 +318,16 @@ def test_the_plan_report_names_the_collectives_that_run(parity, request, record_
     expected = {**plan, "all_reduce": plan.get("all_reduce", 0) + TORCHTITAN_ALL_REDUCES}
     _report(request, record_property, "collectives_run", ap.collectives)
     assert ap.collectives == expected
+
+
+def test_the_profiled_step_times_its_matmul_and_attention_kernels(parity, request, record_property):
+    """The benchmark's floor (the step time left if only these kernels took time) reads
+    these seconds: both kinds are found under the ops' current names, in eager torchtitan
+    and in AutoParallel's graphs, and take less than a whole run."""
+    for name, trained in zip(("eager", "autoparallel"), parity, strict=True):
+        _report(request, record_property, f"kernel_s_{name}", trained.kernel_s)
+        assert set(trained.kernel_s) == {"matmul", "attention"}, (name, trained.kernel_s)
+        assert all(0 < s < trained.seconds for s in trained.kernel_s.values()), trained.kernel_s
 
 
 def test_bucketing_runs_at_most_a_fifth_of_the_planned_collectives(

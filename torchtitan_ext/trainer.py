@@ -39,6 +39,18 @@ _C10D_KINDS = {
     "c10d::alltoall_": "all_to_all",
     "c10d::broadcast_": "broadcast",
 }
+# Kernels whose time Trainer's profiled step reports (CPU only: there an op's duration is
+# its kernel's; on an accelerator it would be the launch). Together they are most of a
+# dense step here and the same calls under every parallelization of the same model, so
+# they bound how much faster one parallelization can step than another.
+_KERNELS = {
+    "aten::mm": "matmul",
+    "aten::bmm": "matmul",
+    "aten::addmm": "matmul",
+    "aten::_grouped_mm": "matmul",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+    "aten::_scaled_dot_product_flash_attention_for_cpu_backward": "attention",
+}
 
 
 class Trainer(TitanTrainer):
@@ -57,10 +69,11 @@ class Trainer(TitanTrainer):
         <dump_folder>/grads/step-N.pt from rank 0; 0 = never. For comparing numerics
         between parallelizations of the same model and weights."""
 
-        collectives_step: int = 0
-        """Count the collectives this step runs, with torch.profiler, while it runs, and
-        write them (count and payload per kind) to <dump_folder>/collectives/rank<R>.json;
-        0 = never. Profiling slows the step: keep it out of timed steps."""
+        profile_step: int = 0
+        """Profile this step with torch.profiler: the collectives it runs (count and
+        payload per kind) and, on CPU, the seconds its matmul and attention kernels take,
+        written to <dump_folder>/step_profile/rank<R>.json; 0 = never. Profiling slows the
+        step: keep it out of timed steps."""
 
         @classmethod
         def derived_from(cls, config: TitanTrainer.Config):
@@ -85,22 +98,23 @@ class Trainer(TitanTrainer):
         with contextlib.ExitStack() as stack:
             if self.step == self.config.grad_dump_step:
                 stack.enter_context(self._dump_gradients_before_clipping())
-            if self.step == self.config.collectives_step:
-                stack.enter_context(self._count_collectives())
+            if self.step == self.config.profile_step:
+                stack.enter_context(self._profile_step())
             super().train_step(data_iterator)
         if first:
             self._record_state_bytes()
 
     @contextlib.contextmanager
-    def _count_collectives(self):
+    def _profile_step(self):
         """Count the c10d collectives of the step (what actually ran, whatever a plan
-        says), and the bytes the backend moved for them."""
+        says) and the bytes the backend moved for them; on CPU, time its kernels."""
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             yield
         counts: Counter[str] = Counter()
         payload: Counter[str] = Counter()
+        kernel_s: Counter[str] = Counter()
         for event in prof.events():
             kind = _C10D_KINDS.get(event.name)
             if kind is not None:
@@ -108,12 +122,25 @@ class Trainer(TitanTrainer):
             elif event.name.startswith(("gloo:", "nccl:")) and event.input_shapes:
                 numel = sum(torch.Size(s).numel() for s in event.input_shapes if s)
                 payload[event.name] += numel * 4  # float32 training
+            elif event.name in _KERNELS and cpu.use_cpu():
+                parent = event.cpu_parent  # _grouped_mm's CPU fallback calls mm per group
+                while parent is not None and parent.name not in _KERNELS:
+                    parent = parent.cpu_parent
+                if parent is None:
+                    kernel_s[_KERNELS[event.name]] += event.cpu_time_total / 1e6
+        record = {"step": self.step, "counts": counts, "payload_bytes": payload}
+        if kernel_s:
+            record["kernel_s"] = kernel_s
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        folder = os.path.join(self.config.dump_folder, "collectives")
+        folder = os.path.join(self.config.dump_folder, "step_profile")
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
-            json.dump({"step": self.step, "counts": counts, "payload_bytes": payload}, f, indent=2)
-        logger.info(f"Collectives run in step {self.step}: {dict(sorted(counts.items()))}")
+            json.dump(record, f, indent=2)
+        kernels = ", ".join(f"{k} {v:.3f} s" for k, v in sorted(kernel_s.items()))
+        logger.info(
+            f"Step {self.step} profiled: collectives {dict(sorted(counts.items()))}"
+            + (f"; kernels {kernels}" if kernels else "")
+        )
 
     @contextlib.contextmanager
     def _dump_gradients_before_clipping(self):
