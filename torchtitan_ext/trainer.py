@@ -41,7 +41,7 @@ _C10D_KINDS = {
 }
 # Kernels whose time Trainer's profiled step reports (CPU only: there an op's duration is
 # its kernel's; on an accelerator it would be the launch). Together they are most of a
-# dense step here and the same calls under every parallelization of the same model, so
+# dense step here and the same calls under every parallelization of a dense model, so
 # they bound how much faster one parallelization can step than another.
 _KERNELS = {
     "aten::mm": "matmul",
@@ -115,6 +115,7 @@ class Trainer(TitanTrainer):
         counts: Counter[str] = Counter()
         payload: Counter[str] = Counter()
         kernel_s: Counter[str] = Counter()
+        time_kernels = cpu.use_cpu()
         for event in prof.events():
             kind = _C10D_KINDS.get(event.name)
             if kind is not None:
@@ -122,7 +123,7 @@ class Trainer(TitanTrainer):
             elif event.name.startswith(("gloo:", "nccl:")) and event.input_shapes:
                 numel = sum(torch.Size(s).numel() for s in event.input_shapes if s)
                 payload[event.name] += numel * 4  # float32 training
-            elif event.name in _KERNELS and cpu.use_cpu():
+            elif event.name in _KERNELS and time_kernels:
                 parent = event.cpu_parent  # _grouped_mm's CPU fallback calls mm per group
                 while parent is not None and parent.name not in _KERNELS:
                     parent = parent.cpu_parent
