@@ -836,9 +836,13 @@ def memory_bounds(config: AliasAwareAutoParallel.Config, parallel_dims) -> tuple
     low = default_low if config.param_memory_low is None else config.param_memory_low
     high = default_high if config.param_memory_high is None else config.param_memory_high
     if not 0.0 <= low <= high <= 1.0:
+        # The pair as used; an unset bound is this mesh's default.
+        low_is = "" if config.param_memory_low is not None else " (unset)"
+        high_is = "" if config.param_memory_high is not None else " (unset)"
         raise ValueError(
-            f"--autoparallel.param_memory_low/high must satisfy 0 <= low <= high <= 1, "
-            f"got low={low}, high={high}"
+            f"--autoparallel.param_memory_low/high must satisfy 0 <= low <= high <= 1, got "
+            f"low {low:g}{low_is}, high {high:g}{high_is}: pass bounds in that order, or "
+            f"leave them unset (this mesh: low {default_low:g}, high {default_high:g})"
         )
     return low, high
 
@@ -915,7 +919,8 @@ def check_before_launch(config, parallel_dims) -> None:
     """What would otherwise fail only after every rank started, checked on the parsed
     config and its ParallelDims (run_train.sh runs this before torchrun): the degrees are
     ones AutoParallel plans, the engine is installed, and a placement file was solved for
-    this very plan. Raises ValueError or ImportError naming the problem and the fix."""
+    this very plan, and the memory bounds are in order. Raises ValueError or ImportError
+    naming the problem and the fix."""
     check_parallel_dims(parallel_dims)
     if parallel_dims.ep > 1 and not list(config.model_spec.model.traverse(RoutedExperts.Config)):
         raise ValueError(
@@ -923,6 +928,7 @@ def check_before_launch(config, parallel_dims) -> None:
             "config has no MoE layer; use an MoE config (qwen3_moe_debug_autoparallel, "
             "deepseek_v3_debugmodel_autoparallel, ...) or expert_parallel_degree 1"
         )
+    memory_bounds(config.autoparallel, parallel_dims)  # raises if out of order
     require_autoparallel()
     path = placement_path(config.autoparallel, config.dump_folder)
     if path and os.path.exists(path):
