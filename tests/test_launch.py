@@ -124,6 +124,86 @@ def test_bad_flags_fail_before_any_rank_starts(case):
     assert_refused_before_launch(run_train_sh(*args), *expected)
 
 
+# Inputs the ranks would take to no step, a traceback each or torchrun's, with the
+# environment they need (run_train.sh's NGPU=2 unless set).
+BAD_RUNS = {
+    "no-step": (
+        {}, ("--training.steps", "0"),
+        ("--training.steps 0: a run trains at least 1 step", "pass --training.steps 1 or more"),
+    ),
+    "negative-steps": (
+        {}, ("--training.steps", "-1"),
+        ("--training.steps -1: a run trains at least 1 step",),
+    ),
+    "memory-bounds-out-of-order": (
+        {}, ("--autoparallel.param_memory_low", "0.9", "--autoparallel.param_memory_high", "0.1"),
+        ("--autoparallel.param_memory_low/high must satisfy 0 <= low <= high <= 1, got low 0.9, "
+         "high 0.1", "leave them unset (this mesh: low 0, high 0.5)"),
+    ),
+    "global-batch-not-a-multiple": (
+        {"NGPU": "4"}, ("--training.global_batch_size", "16"),
+        ("--training.global_batch_size 16 is not a positive multiple of "
+         "--training.local_batch_size 8 x data-parallel degree 4 = 32",
+         "pass a positive multiple of 32", "or --training.local_batch_size 4"),
+    ),
+    "dump-folder-not-writable": (
+        # Under a regular file (this one): not a folder even for root.
+        {}, ("--dump_folder", f"{__file__}/dump"),
+        (f"--dump_folder {__file__}/dump cannot be written (Not a directory)",
+         "pass --dump_folder a folder you can write to"),
+    ),
+    "log-rank-not-ranks": (
+        {"LOG_RANK": "abc"}, (),
+        ("LOG_RANK='abc' must be rank numbers below NGPU=2", "e.g. LOG_RANK=0 or LOG_RANK=0,1"),
+    ),
+    "no-rank": (
+        {"NGPU": "0"}, (),
+        ("NGPU=0: a run needs at least 1 rank", "set NGPU=1 or more, or unset it"),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_RUNS))
+def test_bad_runs_are_refused_by_the_launcher(case, monkeypatch, capsys):
+    """The launcher in this process (fast): exit 1 and the message, before any rank."""
+    env, args, expected = BAD_RUNS[case]
+    for name, value in {"NGPU": "2", "LOG_RANK": "0", "COMM_MODE": "", **env}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("CONFIG", "llama3_debugmodel_autoparallel")
+    monkeypatch.setattr(launch, "_torchrun_argv", None)  # launching would raise TypeError
+    assert launch.main(list(args)) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) <= 2, err
+    for text in expected:
+        assert text in err, err
+
+
+@pytest.mark.slow  # a launcher process each
+@pytest.mark.parametrize("case", list(BAD_RUNS))
+def test_bad_runs_fail_before_any_rank_starts(case):
+    """The same, as a user runs it: ./run_train.sh."""
+    env, args, expected = BAD_RUNS[case]
+    assert_refused_before_launch(run_train_sh(*args, **env), *expected)
+
+
+@pytest.mark.parametrize(
+    "log_rank, ok", [("0", True), ("0,1", True), ("1,0", True), ("0,2", False), ("-1", False),
+                     ("0,", False), (" 0", False), ("", False)],
+)  # fmt: skip
+def test_log_rank_names_only_ranks_that_run(log_rank, ok):
+    if ok:
+        launch.check_log_rank(log_rank, ngpu=2)
+    else:
+        with pytest.raises(ValueError, match="must be rank numbers below NGPU=2"):
+            launch.check_log_rank(log_rank, ngpu=2)
+
+
+def test_dump_folder_is_created_as_the_ranks_would(tmp_path):
+    folder = tmp_path / "new" / "dump"
+    launch.make_dump_folder(str(folder))
+    assert folder.is_dir() and not list(folder.iterdir())  # the probe file is gone
+
+
 def test_missing_autoparallel_fails_with_the_install_line(tmp_path):
     shadow = tmp_path / "autoparallel"
     shadow.mkdir()

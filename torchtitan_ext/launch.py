@@ -6,9 +6,11 @@
 1. finds the module that defines CONFIG: our root config_registry.py first, then
    torchtitan's registry for MODEL (read with ``ast``; an unknown name lists both);
 2. parses the config with the flags as every rank will, and checks what would otherwise
-   fail only after every rank started, each inside its own traceback: a flag or value tyro
-   rejects, degrees that do not multiply to NGPU, AutoParallel missing, degrees it does not
-   plan, a placement file solved for another plan (``auto_parallel.check_before_launch``);
+   fail only after every rank started, each inside its own traceback: NGPU or LOG_RANK out
+   of range, a flag or value tyro rejects, fewer than 1 step, degrees that do not multiply
+   to NGPU, a global batch size torchtitan's Trainer asserts on, a dump folder that cannot
+   be written, AutoParallel missing, degrees it does not plan, memory bounds out of order,
+   a placement file solved for another plan (``auto_parallel.check_before_launch``);
 3. starts torchrun in this process (the interpreter torchrun would have started anyway), or
    with COMM_MODE the one training process itself.
 
@@ -24,6 +26,7 @@ import io
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -112,11 +115,18 @@ def parse_config(module: str, config: str, args: list[str]):
 
 
 def check(config, *, world_size: int) -> None:
-    """What the ranks would fail on, checked once here (ValueError or ImportError)."""
+    """What the ranks would fail on, checked once here (ValueError or ImportError). Creates
+    the dump folder if missing, as the ranks would, once everything else passed."""
     from torchtitan.distributed import ParallelDims
 
     from torchtitan_ext.trainer import AutoParallelTrainer
 
+    if config.training.steps < 1:
+        # torchtitan would start every rank, build the model and train no step.
+        raise ValueError(
+            f"--training.steps {config.training.steps}: a run trains at least 1 step; "
+            "pass --training.steps 1 or more"
+        )
     try:
         parallel_dims = ParallelDims.from_config(config.parallelism, world_size)
     except AssertionError as e:
@@ -124,10 +134,76 @@ def check(config, *, world_size: int) -> None:
             f"the parallelism degrees do not fit NGPU={world_size} ({e}): set NGPU to their "
             "product, or set --parallelism.data_parallel_shard_degree -1 to take the rest"
         ) from None
+    dp_degree = parallel_dims.dp_replicate * parallel_dims.dp_shard  # torchtitan's "batch" mesh
+    check_batch_sizes(config.training, dp_degree=dp_degree)
     if isinstance(config, AutoParallelTrainer.Config) and config.parallelize == "autoparallel":
         from torchtitan_ext.auto_parallel import check_before_launch
 
         check_before_launch(config, parallel_dims)
+    make_dump_folder(config.dump_folder)
+
+
+def check_batch_sizes(training, *, dp_degree: int) -> None:
+    """torchtitan's Trainer asserts on every rank that the global batch size (-1: local
+    batch x data-parallel degree) is a positive multiple of local batch x data-parallel
+    degree; both dataloaders (torchtitan's and ours) take one local batch per rank."""
+    local, global_ = training.local_batch_size, training.global_batch_size
+    if local < 1:
+        raise ValueError(
+            f"--training.local_batch_size {local}: each rank needs at least 1 row; "
+            "pass --training.local_batch_size 1 or more"
+        )
+    rows = local * dp_degree
+    if global_ < 0 or (global_ > 0 and global_ % rows == 0):
+        return
+    fix = f"pass a positive multiple of {rows} (-1 means {rows}, no gradient accumulation)"
+    if global_ > 0 and global_ % dp_degree == 0:
+        # The largest local batch up to this one that divides each rank's share.
+        share = global_ // dp_degree
+        fitting = max(n for n in range(1, local + 1) if share % n == 0)
+        fix += f", or --training.local_batch_size {fitting}"
+    raise ValueError(
+        f"--training.global_batch_size {global_} is not a positive multiple of "
+        f"--training.local_batch_size {local} x data-parallel degree {dp_degree} = {rows}: "
+        f"{fix}"
+    )
+
+
+def make_dump_folder(path: str) -> None:
+    """Create the dump folder if missing and prove it writable with a file made and removed
+    there (permission bits alone do not stop root)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"--dump_folder {path} cannot be written ({e.strerror or e}): pass --dump_folder "
+            "a folder you can write to"
+        ) from None
+
+
+def ranks_of(ngpu_text: str) -> int:
+    """NGPU as a rank count (empty: default_ranks()); ValueError unless at least 1."""
+    if not ngpu_text:
+        return default_ranks()
+    if not re.fullmatch(r"[0-9]+", ngpu_text):
+        raise ValueError(f"NGPU must be a number of ranks, got {ngpu_text!r}")
+    if int(ngpu_text) < 1:
+        raise ValueError(
+            f"NGPU={ngpu_text}: a run needs at least 1 rank; set NGPU=1 or more, or unset it "
+            f"for this machine's default ({default_ranks()})"
+        )
+    return int(ngpu_text)
+
+
+def check_log_rank(log_rank: str, *, ngpu: int) -> None:
+    """LOG_RANK as torchrun's --local-ranks-filter takes it, naming only ranks that run."""
+    if not all(re.fullmatch(r"[0-9]+", r) and int(r) < ngpu for r in log_rank.split(",")):
+        raise ValueError(
+            f"LOG_RANK={log_rank!r} must be rank numbers below NGPU={ngpu}, comma-separated: "
+            f"e.g. LOG_RANK=0 or LOG_RANK=0,{ngpu - 1}"
+        )
 
 
 def default_ranks() -> int:
@@ -150,13 +226,12 @@ def _torchrun_argv(*, ngpu: int, log_rank: str, module: str, config: str, args: 
 def main(args: list[str]) -> int:
     model = os.environ.get("MODEL", "llama3")
     config_name = os.environ.get("CONFIG", "llama3_debugmodel_autoparallel")
-    ngpu_text = os.environ.get("NGPU", "")
-    if not ngpu_text.isdigit() and ngpu_text:
-        print(f"run_train.sh: NGPU must be a number of ranks, got {ngpu_text!r}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    ngpu = int(ngpu_text) if ngpu_text else default_ranks()
     comm_mode = os.environ.get("COMM_MODE", "")
+    log_rank = os.environ.get("LOG_RANK") or "0"  # run_train.sh's default too
     try:
+        ngpu = ranks_of(os.environ.get("NGPU", ""))
+        if not comm_mode:  # one process: LOG_RANK is not used
+            check_log_rank(log_rank, ngpu=ngpu)
         module = resolve(model, config_name)
         if comm_mode:
             args = [f"--comm.mode={comm_mode}", "--training.steps", "1", *args]
@@ -184,7 +259,7 @@ def main(args: list[str]) -> int:
     torchrun(
         _torchrun_argv(
             ngpu=ngpu,
-            log_rank=os.environ.get("LOG_RANK", "0"),
+            log_rank=log_rank,
             module=module,
             config=config_name,
             args=args,
