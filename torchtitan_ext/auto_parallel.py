@@ -33,7 +33,9 @@ from torchtitan_ext import cpu, graph_cache
 from torchtitan_ext.aliases import AliasError, AliasMap, storage_bytes, unique_storage_bytes
 from torchtitan_ext.moe import (
     EP_DATA_AXES,
+    check_expert_gradients,
     enable_expert_parallel,
+    expert_gradient_placements,
     grouped_mm_inputs_keep_eager_strides,
 )
 from torchtitan_ext.plan import PlanReport, build_report, collectives
@@ -267,6 +269,14 @@ class AliasAwareAutoParallel(Configurable):
             ) as autop,
         ):
             self.times.trace = time.perf_counter() - t0
+            expert_gradients = None
+            if "ep" in spec.axes:
+                expert_gradients = expert_gradient_placements(autop.gm)
+                check_expert_gradients(
+                    expert_gradients,
+                    axes=spec.axes,
+                    experts=sum(".inner_experts." in fqn for fqn in names["parameters"]),
+                )
             self._constrain(autop, spec)
             placement = self._solve_or_load(autop, spec)
             parallel_model, planned, executed = self._apply(
@@ -274,7 +284,7 @@ class AliasAwareAutoParallel(Configurable):
             )
             joint_graph = autop.gm
         self._restore_aliases(parallel_model, names)
-        self._report_plan(spec, joint_graph, planned, executed, parallel_model)
+        self._report_plan(spec, joint_graph, planned, executed, parallel_model, expert_gradients)
         if compile_model:
             # Both graphs are compiled by now if the graph cache asked for the serializable
             # form; else the backward is, at the first backward (train_step reports it).
@@ -668,7 +678,9 @@ class AliasAwareAutoParallel(Configurable):
         )
         self._wrap_init(parallel_model)
 
-    def _report_plan(self, spec: PlanSpec, joint_graph, planned, executed, parallel_model) -> None:
+    def _report_plan(
+        self, spec: PlanSpec, joint_graph, planned, executed, parallel_model, expert_gradients
+    ) -> None:
         self.report = build_report(
             mesh_axes=spec.axes,
             mesh_shape=tuple(spec.mesh.shape),
@@ -676,6 +688,7 @@ class AliasAwareAutoParallel(Configurable):
             planned=planned,
             executed=executed,
             parallel_model=parallel_model,
+            expert_gradients=expert_gradients,
         )
         self._log_report(
             source=f"trace {self.times.trace:.1f}s, solve {self.times.solve:.1f}s, "

@@ -8,8 +8,15 @@ the region as one op with fixed input and output placements. Inside, tokens go t
 holding their experts through AutoParallel's ``all_to_all`` (which carries the backward):
 
 - in: tokens, routing scores and expert ids sharded on the batch over every data axis;
-  expert weights ``Shard(0)`` (whole experts, 1/ep of them per rank) on the ``ep`` axis;
-- out: the combined tokens, sharded as they came in.
+  expert weights ``Shard(0)`` (whole experts, 1/ep of them per rank) on the ``ep`` axis
+  and replicated on the other data axes (dp_replicate, efsdp);
+- out: the combined tokens, sharded as they came in;
+- gradients: the tokens' sharded as the tokens; the expert weights' ``Partial`` on every
+  data axis but ep (``EXPERT_GRAD_PARTIAL_AXES``). An ep group's ranks see only their
+  own data shard's tokens, so each expert gradient is a partial sum over the other data
+  axes, which the plan must reduce (``in_grad_placements``; without them local_map
+  declares it replicated, i.e. complete, and the reduction is silently dropped:
+  meta-pytorch/autoparallel#515).
 
 ``enable_expert_parallel`` turns every ``RoutedExperts`` of a model into this region before
 AutoParallel traces it; it changes no parameter, buffer or name, so state_dicts and
@@ -19,12 +26,14 @@ with its exchanges through AutoParallel; its reorder, permute and combine are to
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DeviceMesh, Replicate, Shard
+from torch.distributed.tensor import DeviceMesh, Partial, Replicate, Shard
+from torch.distributed.tensor.placement_types import Placement
 from torchtitan.models.common.moe import GroupedExperts, RoutedExperts
 from torchtitan.models.common.token_dispatcher import (
     AllToAllDispatchMetadata,
@@ -32,8 +41,13 @@ from torchtitan.models.common.token_dispatcher import (
     LocalTokenDispatcher,
 )
 
+from torchtitan_ext import patches
+
 # The mesh axes tokens are sharded on (every data-parallel axis; tp replicates them).
 EP_DATA_AXES = ("dp_replicate", "efsdp", "ep")
+# The data axes an expert-weight gradient is a partial sum over: every one but ep, whose
+# ranks exchange tokens so that each expert sees all of its ep group's tokens.
+EXPERT_GRAD_PARTIAL_AXES = ("dp_replicate", "efsdp")
 
 
 def grouped_experts(
@@ -164,10 +178,15 @@ class LocalMapRoutedExperts(RoutedExperts):
 
         tokens = tuple(Shard(0) if axis in EP_DATA_AXES else Replicate() for axis in self.axes)
         experts_placement = tuple(Shard(0) if axis == "ep" else Replicate() for axis in self.axes)
+        experts_grad = tuple(
+            Partial() if axis in EXPERT_GRAD_PARTIAL_AXES else placement
+            for axis, placement in zip(self.axes, experts_placement, strict=True)
+        )
         return local_map(
             region,
             out_placements=(tokens,),
             in_placements=(tokens, tokens, tokens, *(experts_placement,) * 3),
+            in_grad_placements=(tokens, tokens, tokens, *(experts_grad,) * 3),
             redistribute_inputs=True,
             device_mesh=self.mesh,
         )(
@@ -180,15 +199,9 @@ def enable_expert_parallel(model: nn.Module, *, mesh: DeviceMesh, axes: tuple[st
     """Make every RoutedExperts of ``model`` a LocalMapRoutedExperts on ``mesh`` (whose
     axes are ``axes``, one named "ep"), in place, before AutoParallel traces the model.
     Returns the number of MoE layers changed. ValueError for experts we cannot split."""
-    from torch._higher_order_ops.local_map import LocalMapHOP
-
     from torchtitan_ext.cpu import Float32GroupedExperts
 
-    # AutoParallel a54c252 recognizes a local_map node by "call_local_map" in str(target)
-    # (torch's earlier local_map function); torch 2.14 traces it as LocalMapHOP, whose str
-    # is the default object repr, so the solver asserts. Name the HOP as AutoParallel reads.
-    LocalMapHOP.__str__ = lambda hop: f"call_local_map[{hop.name()}]"
-
+    patches.adapt_local_map_hop()
     assert "ep" in axes, axes
     ep = mesh.size(axes.index("ep"))
     changed = 0
@@ -239,3 +252,95 @@ def grouped_mm_inputs_keep_eager_strides() -> None:
     from torch._inductor.lowering import add_layout_constraint, constrain_to_fx_strides
 
     add_layout_constraint(torch.ops.aten._grouped_mm.default, constrain_to_fx_strides)
+
+
+def expert_gradient_placements(
+    joint_graph: torch.fx.GraphModule,
+) -> dict[str, tuple[Placement, ...]]:
+    """Expert parameter FQN -> the placements its expert region declares for its gradient
+    (one per mesh axis), read from the traced joint graph: the backward region's
+    ``out_placements`` at the output the parameter's gradient comes from. What the solver
+    plans reductions from; a data axis missing a Partial here is a reduction never done."""
+    from torch._functorch._aot_autograd.descriptors import GradAOTOutput, ParamAOTInput
+
+    output = joint_graph.graph.output_node()
+    result = {}
+    for value, desc in zip(output.args[0], output.meta["desc"], strict=True):
+        if not (
+            isinstance(desc, GradAOTOutput)
+            and isinstance(desc.grad_of, ParamAOTInput)
+            and ".inner_experts." in desc.grad_of.target
+            and isinstance(value, torch.fx.Node)
+        ):
+            continue
+        region, index = _region_output_of(value)
+        if region is not None:
+            placements = region.meta["local_map_kwargs"]["out_placements"][index]
+            result[desc.grad_of.target] = tuple(placements)
+    return result
+
+
+def _region_output_of(node: torch.fx.Node) -> tuple[torch.fx.Node | None, int]:
+    """The local_map region and output index ``node`` is computed from, through the
+    getitem, view and cast nodes between them (the first region found going up)."""
+    seen, todo = set(), [node]
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if (
+            node.target is operator.getitem
+            and isinstance(node.args[0], torch.fx.Node)
+            and "local_map_kwargs" in node.args[0].meta
+        ):
+            return node.args[0], node.args[1]
+        if "local_map_kwargs" not in node.meta:
+            todo.extend(node.all_input_nodes)
+    return None, -1
+
+
+def check_expert_gradients(
+    declared: dict[str, tuple[Placement, ...]], *, axes: list[str], experts: int
+) -> None:
+    """RuntimeError, before the plan is applied, when an expert parameter's gradient is not
+    declared a partial sum on every mesh axis but ep: with expert parallelism every axis
+    is a data axis (tokens split over it) and only ep splits the experts, so on every
+    other axis each rank's expert gradient covers its own tokens only, and a gradient not
+    declared partial there is never summed. ``experts``: how many expert parameters the
+    model has (each must be found)."""
+    required = [axis for axis in axes if axis != "ep"]
+    problems = [
+        f"{fqn} ({', '.join(f'{a}={p}' for a, p in zip(axes, placements, strict=True))})"
+        for fqn, placements in sorted(declared.items())
+        if any(not placements[axes.index(axis)].is_partial() for axis in required)
+    ]
+    if len(declared) != experts:
+        problems.append(f"{experts - len(declared)} expert parameter(s) not found in the graph")
+    if problems:
+        raise RuntimeError(
+            f"AutoParallel: refusing a plan that drops expert gradient reductions over "
+            f"{', '.join(required)} (each rank group would train its experts on its own "
+            f"tokens alone): {'; '.join(problems)}"
+        )
+
+
+def expert_gradient_reductions(
+    declared: dict[str, tuple[Placement, ...]],
+    parameters: dict[str, tuple[Placement, ...]],
+    *,
+    axes: list[str],
+) -> dict[str, str]:
+    """Expert parameter FQN -> how the plan reduces its gradient, e.g. "reduce_scatter over
+    efsdp": from each axis where the region declares a partial sum to the parameter's own
+    placement there (sharded: reduce_scatter; replicated: all_reduce); "none" when no axis
+    is partial (1 rank group per expert)."""
+    result = {}
+    for fqn, grad in declared.items():
+        steps = [
+            f"{'reduce_scatter' if final.is_shard() else 'all_reduce'} over {axis}"
+            for axis, placement, final in zip(axes, grad, parameters[fqn], strict=True)
+            if placement.is_partial()
+        ]
+        result[fqn] = ", ".join(steps) or "none"
+    return result

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -61,6 +62,9 @@ class PlanReport:
     """Min and max, over those forward matmuls, of this rank's rows over the global rows."""
     experts: tuple[int, int] | None = None
     """MoE models: (experts each rank holds, experts per layer)."""
+    expert_gradients: dict[str, str] = field(default_factory=dict)
+    """Expert parallelism: expert parameter FQN -> how its gradient is reduced, e.g.
+    "reduce_scatter over efsdp" (torchtitan_ext.moe.expert_gradient_reductions)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -97,6 +101,13 @@ class PlanReport:
             lines.insert(2, f"collectives planned (before bucketing): {text(self.planned)}")
         if self.experts is not None:
             lines.append(f"experts per rank: {self.experts[0]} of {self.experts[1]} per layer")
+        if self.expert_gradients:
+            total = len(self.expert_gradients)
+            counts = Counter(self.expert_gradients.values())
+            lines.append(
+                "expert gradients: "
+                + "; ".join(f"{how}: {n} of {total}" for how, n in sorted(counts.items()))
+            )
         return lines
 
 
@@ -175,10 +186,15 @@ def build_report(
     planned: dict[str, torch.fx.GraphModule],
     executed: dict[str, torch.fx.GraphModule],
     parallel_model: nn.Module,
+    expert_gradients: dict[str, tuple] | None = None,
 ) -> PlanReport:
     """Report the plan from the solver's joint graph (global shapes), the forward and backward
     graphs AutoParallel built and the ones each step runs (``planned`` and ``executed``,
-    this rank's shapes, keyed "forward" and "backward") and the parameters."""
+    this rank's shapes, keyed "forward" and "backward") and the parameters.
+    ``expert_gradients``: expert parameter FQN -> the gradient placements its expert region
+    declares (torchtitan_ext.moe.expert_gradient_placements)."""
+    from torchtitan_ext.moe import expert_gradient_reductions
+
     forward_graph = planned["forward"]
     report = PlanReport(mesh=dict(zip(mesh_axes, mesh_shape, strict=True)))
     report.planned = collectives([planned["forward"], planned["backward"]])
@@ -200,6 +216,15 @@ def build_report(
     ]
     if experts:
         report.experts = experts[0]
+    if expert_gradients:
+        placements = {
+            fqn: tuple(param.placements)
+            for fqn, param in parallel_model.named_parameters()
+            if isinstance(param, DTensor)
+        }
+        report.expert_gradients = expert_gradient_reductions(
+            expert_gradients, placements, axes=mesh_axes
+        )
     global_mm = _forward_matmuls(joint_graph)
     local_mm = _forward_matmuls(forward_graph)
     if global_mm and len(global_mm) == len(local_mm):
