@@ -29,7 +29,7 @@ from torchtitan.distributed.fsdp import get_fsdp_reshard_after_forward_policy
 from torchtitan.models.common.moe import RoutedExperts
 from torchtitan.tools.logging import logger
 
-from torchtitan_ext import cpu, graph_cache
+from torchtitan_ext import cpu, graph_cache, patches
 from torchtitan_ext.aliases import AliasError, AliasMap, storage_bytes, unique_storage_bytes
 from torchtitan_ext.moe import (
     EP_DATA_AXES,
@@ -257,6 +257,7 @@ class AliasAwareAutoParallel(Configurable):
         t0 = time.perf_counter()
         with (
             compiling,
+            patches.memoized_redistribute_costs(),
             AutoParallel(
                 model,
                 spec.input_fn,

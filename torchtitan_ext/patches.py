@@ -4,6 +4,9 @@ says which limitation it answers and when it can go.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 # The forward region's kwargs key for the gradient placements (adapt_local_map_hop), and
 # torch's autograd kernel of the HOP that the adaptation wraps.
 _GRAD_PLACEMENTS = "torchtitan_ext_in_grad_placements"
@@ -61,3 +64,36 @@ def _autograd_with_grad_placements(fw_gm, *args, **kwargs):
     return hop.LocalMapAutogradOp.apply(
         fw_gm, bw_gm, num_fw_ins, num_fw_outs, filtered_grads_idx, *args, **kwargs
     )
+
+
+@contextlib.contextmanager
+def memoized_redistribute_costs() -> Iterator[None]:
+    """Memoize DTensor's redistribute_cost while AutoParallel builds its strategy tables.
+
+    AutoParallel a54c252 costs every (producer strategy, consumer input spec) pair with
+    torch's generate_redistribute_costs; the same pairs recur in every layer and strategy,
+    so most calls repeat an earlier one (benchmarks/scaling.py measures the phases). The
+    cost is a function of the two specs alone (mesh,
+    placements, shard order, shape, stride and dtype: what DTensorSpec hashes and
+    compares), so each pair is computed once. Specs that do not hash (symbolic shapes)
+    are costed as before. Goes when torch or AutoParallel caches these costs.
+    """
+    from torch.distributed.tensor._ops import utils
+
+    cost = utils.redistribute_cost
+    memo: dict = {}
+
+    def memoized(current_spec, target_spec) -> float:
+        try:
+            key = (current_spec, target_spec)
+            if key not in memo:
+                memo[key] = cost(current_spec, target_spec)
+            return memo[key]
+        except TypeError:
+            return cost(current_spec, target_spec)
+
+    utils.redistribute_cost = memoized
+    try:
+        yield
+    finally:
+        utils.redistribute_cost = cost
