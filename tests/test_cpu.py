@@ -210,3 +210,23 @@ def test_successful_training_process_skips_interpreter_teardown(case, tmp_path):
         assert "interpreter finalization ran" in proc.stdout
     else:
         assert proc.returncode == 0 and "interpreter finalization ran" in proc.stdout
+
+
+def test_memory_bandwidth_is_measured_on_real_memory_inside_a_fake_mode():
+    """The eager overlap scheduler measures the bandwidth while AutoParallel applies its plan,
+    under a fake-tensor mode, where a copy costs nothing."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        inside = cpu.measure_memory_bandwidth_gbs(nbytes=64 * 2**20)
+    low, high = cpu.PLAUSIBLE_CPU_BANDWIDTH_GBS
+    assert low <= inside <= high, inside
+
+
+def test_an_implausible_memory_bandwidth_is_refused(monkeypatch):
+    import time
+
+    ticks = iter(i * 1e-9 for i in range(100))  # every copy "takes" a nanosecond
+    monkeypatch.setattr(time, "perf_counter", lambda: next(ticks))
+    with pytest.raises(RuntimeError, match="GB/s is outside"):
+        cpu.measure_memory_bandwidth_gbs(nbytes=2**20)

@@ -389,19 +389,36 @@ def agree_across_ranks(value: float, *, device: str = "cpu") -> float:
     return agreed.item()
 
 
+# What one process's tensor copy can reach on a CPU; a figure outside it was not measured
+# on real memory (a copy under a fake-tensor mode "runs" at thousands of GB/s).
+PLAUSIBLE_CPU_BANDWIDTH_GBS = (0.5, 1000.0)
+
+
 def measure_memory_bandwidth_gbs(*, nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
     """This process's memory bandwidth in GB/s: the best of a few large tensor copies,
-    counting the bytes read and written."""
+    counting the bytes read and written, on real tensors whatever dispatch modes (the fake
+    and proxy modes AutoParallel applies under) are active. RuntimeError outside
+    PLAUSIBLE_CPU_BANDWIDTH_GBS."""
     import time
 
-    src = torch.ones(nbytes // 4, dtype=torch.float32)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * nbytes / best / 1e9
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        src = torch.ones(nbytes // 4, dtype=torch.float32)
+        dst = torch.empty_like(src)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            best = min(best, time.perf_counter() - t0)
+    bandwidth = 2 * nbytes / best / 1e9
+    low, high = PLAUSIBLE_CPU_BANDWIDTH_GBS
+    if not low <= bandwidth <= high:
+        raise RuntimeError(
+            f"measured memory bandwidth {bandwidth:.1f} GB/s is outside [{low}, {high}] GB/s, "
+            "implausible for a CPU: the copies did not run on real memory"
+        )
+    return bandwidth
 
 
 def install_compile_runtime() -> None:
