@@ -4,10 +4,15 @@ to what the graphs depend on misses."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import pickle
+import stat
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +20,7 @@ from torchtitan.config import ConfigManager
 
 from tests._training import REPO_ROOT
 from torchtitan_ext import graph_cache
-from torchtitan_ext.auto_parallel import plan_model
+from torchtitan_ext.auto_parallel import check_placement_file, plan_key_of, plan_model
 
 CONFIG = "llama3_debugmodel_autoparallel"
 
@@ -53,6 +58,194 @@ def start_key(*args: str, edit=None, world_size: int = 2) -> dict:
     return key
 
 
+KEY = {"format": "test", "model": "tiny", "autoparallel": "installed", "rank": 0}
+
+
+def tiny_entry(key: dict, report=None) -> graph_cache.CacheEntry:
+    return graph_cache.CacheEntry(
+        key=key, compiled=b"graphs", parameters=[], buffers=[], in_spec=None, out_spec=None,
+        input_shapes=[(2, 8)], report=report,
+    )  # fmt: skip
+
+
+class Planted:
+    """A payload whose unpickling runs code (creates the folder ``marker``), as a planted
+    entry's would."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_an_entry_saved_for_this_key_loads_and_only_this_user_may_touch_it(tmp_path):
+    cache = tmp_path / "graph_cache"
+    entry = tiny_entry(KEY, report={"plan": "tiny"})
+    path = graph_cache.save(str(cache), entry)
+    assert graph_cache.load(str(cache), dict(KEY)) == (entry, path)
+    assert (mode(cache), mode(os.path.dirname(path)), mode(path)) == (0o700, 0o700, 0o600)
+    assert os.listdir(os.path.dirname(path)) == ["rank0.pkl"]  # no temporary file left
+
+
+def test_an_entry_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A write that fails (here: the sync) leaves the entry there before it, and no other
+    file."""
+    cache = tmp_path / "graph_cache"
+    entry = tiny_entry(KEY, report="first")
+    path = graph_cache.save(str(cache), entry)
+
+    def fail(fd):
+        raise OSError("test: disk full")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError, match="disk full"):
+        graph_cache.save(str(cache), tiny_entry(KEY, report="second"))
+    monkeypatch.undo()
+    assert os.listdir(os.path.dirname(path)) == ["rank0.pkl"]
+    assert graph_cache.load(str(cache), KEY) == (entry, path)
+
+
+def _another_owner(monkeypatch, *, regular_files: bool) -> None:
+    """Make os.fstat report another owner for regular files (the entry) or, without
+    ``regular_files``, make this process another user (folders and entry are then foreign);
+    tests run as root, and chown would not make a file foreign to root."""
+    if not regular_files:
+        uid = os.getuid() + 1
+        monkeypatch.setattr(os, "getuid", lambda: uid)
+        return
+    real_fstat = os.fstat
+
+    def fstat(fd):
+        st = real_fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return st
+        fields = list(st)
+        fields[4] = st.st_uid + 1  # st_uid
+        return os.stat_result(fields)
+
+    monkeypatch.setattr(os, "fstat", fstat)
+
+
+# Each case: what the warning says.
+UNUSABLE = {
+    "no header": "no graph cache header",
+    "another key": "saved for another key (differs in autoparallel)",
+    "malformed header": "malformed header (not key, payload_bytes and payload_sha256)",
+    "truncated": "truncated",
+    "cache folder writable by others": "graph_cache is writable by group or others (mode 777)",
+    "folder writable by others": "is writable by group or others (mode 777)",
+    "entry writable by others": "the entry file is writable by group or others (mode 666)",
+    "folder of another user": "graph_cache is owned by uid",
+    "entry of another user": "the entry file is owned by uid",
+}
+
+
+@pytest.mark.parametrize("case", list(UNUSABLE))
+def test_a_planted_entry_is_never_unpickled(case, tmp_path, monkeypatch, caplog):
+    """An entry file that is not this start's, or that another user could have written, is
+    a warning and a miss: its payload (here one that creates a marker) never runs."""
+    marker = tmp_path / "marker"
+    planted = tiny_entry(KEY, report=Planted(marker))
+    pickle.loads(pickle.dumps(planted))  # the plant is live: unpickled, it runs
+    assert marker.exists()
+    marker.rmdir()
+
+    cache = tmp_path / "graph_cache"
+    path = Path(graph_cache.entry_path(str(cache), KEY))
+    if case == "another key":
+        other = graph_cache.save(str(cache), tiny_entry({**KEY, "autoparallel": "another"},
+                                                        report=Planted(marker)))  # fmt: skip
+        path.parent.mkdir(mode=0o700)
+        os.replace(other, path)
+    else:
+        graph_cache.save(str(cache), planted)
+    if case == "no header":
+        path.write_bytes(pickle.dumps(planted))
+    elif case == "malformed header":
+        path.write_bytes(path.read_bytes().replace(b'"payload_bytes"', b'"payload_bytez"', 1))
+    elif case == "truncated":
+        path.write_bytes(path.read_bytes()[:-1])
+    elif case == "cache folder writable by others":
+        cache.chmod(0o777)
+    elif case == "folder writable by others":
+        path.parent.chmod(0o777)
+    elif case == "entry writable by others":
+        path.chmod(0o666)
+    elif case.endswith("of another user"):
+        _another_owner(monkeypatch, regular_files=case == "entry of another user")
+
+    with caplog.at_level(logging.WARNING):
+        entry, why = graph_cache.load(str(cache), KEY)
+    monkeypatch.undo()
+    assert entry is None and not marker.exists(), why
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert str(path) in warnings[0] and UNUSABLE[case] in warnings[0], warnings
+    assert "\n" not in warnings[0]
+
+
+def test_autoparallel_version_is_a_digest_of_the_installed_source(tmp_path, monkeypatch):
+    """Not the pinned commit: what is installed (every .py file under the package), read
+    once per process."""
+    version = graph_cache.autoparallel_version
+    package = tmp_path / "site" / "autoparallel"
+    (package / "graph_passes").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "graph_passes" / "ac.py").write_text("STAGES = 2\n")
+    monkeypatch.delitem(sys.modules, "autoparallel", raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    version.cache_clear()
+    try:
+        installed = version()
+        (package / "graph_passes" / "ac.py").write_text("STAGES = 3\n")
+        assert version() == installed  # computed once per process
+        version.cache_clear()
+        edited = version()
+        assert edited != installed
+        (package / "notes.txt").write_text("not source")
+        version.cache_clear()
+        assert version() == edited
+    finally:
+        version.cache_clear()  # the next caller digests the real package
+
+
+def test_another_autoparallel_misses_the_cache_and_the_placement_file(tmp_path, monkeypatch):
+    """Graph cache entries and placement files name the AutoParallel installed when they
+    were made: one made by another is not used."""
+    from torchtitan.distributed import ParallelDims
+
+    def keys() -> tuple[dict, dict]:
+        config = parse()
+        plan_key = plan_key_of(config, ParallelDims.from_config(config.parallelism, 2))
+        mesh = SimpleNamespace(ndim=1, get_group=lambda axis: SimpleNamespace(group_name="0"))
+        cache_key = graph_cache.cache_key(
+            plan_key=plan_key, mesh=mesh, options={}, placement_file=""
+        )
+        return plan_key, cache_key
+
+    cache = str(tmp_path / "graph_cache")
+    placements = tmp_path / "placements.json"
+    monkeypatch.setattr(graph_cache, "autoparallel_version", lambda: "installed", raising=False)
+    plan_key, cache_key = keys()
+    entry = tiny_entry(cache_key)
+    graph_cache.save(cache, entry)
+    placements.write_text(json.dumps({"torchtitan_ext_plan_key": plan_key}))
+    plan_key, cache_key = keys()  # the same AutoParallel: both are used
+    assert graph_cache.load(cache, cache_key)[0] == entry
+    check_placement_file(str(placements), plan_key)
+
+    monkeypatch.setattr(graph_cache, "autoparallel_version", lambda: "another", raising=False)
+    plan_key, cache_key = keys()
+    assert graph_cache.load(cache, cache_key)[0] is None
+    with pytest.raises(ValueError, match="solved for autoparallel installed; this run has autop"):
+        check_placement_file(str(placements), plan_key)
+
+
 @pytest.mark.engine
 def test_every_input_of_the_graphs_changes_the_key(two_fake_ranks, monkeypatch, tmp_path):
     base = start_key()
@@ -82,6 +275,10 @@ def test_every_input_of_the_graphs_changes_the_key(two_fake_ranks, monkeypatch, 
     monkeypatch.setattr(graph_cache, "_package_source_digest", lambda: "edited")
     assert start_key()["torchtitan_ext"] != base["torchtitan_ext"]
     monkeypatch.undo()
+    assert base["autoparallel"] == graph_cache.autoparallel_version()  # the installed one
+    monkeypatch.setattr(graph_cache, "autoparallel_version", lambda: "edited")
+    assert start_key()["autoparallel"] != base["autoparallel"]
+    monkeypatch.undo()
     # A placement file: its contents, so an edited file misses.
     placements = tmp_path / "placements.json"
     placements.write_text('{"a": 1}')
@@ -104,7 +301,9 @@ def refuse_autoparallel(monkeypatch):
 
 @pytest.mark.slow  # four plans of the debug model (~50 s)
 @pytest.mark.engine
-def test_warm_start_rebuilds_the_module_without_autoparallel(two_fake_ranks, tmp_path, monkeypatch):
+def test_warm_start_rebuilds_the_module_without_autoparallel(
+    two_fake_ranks, tmp_path, monkeypatch, caplog
+):
     model, cold, cold_component = plan_model(parse(), world_size=2, dump_folder=str(tmp_path))
     entries = list((tmp_path / "graph_cache").glob("*/rank0.pkl"))
     assert len(entries) == 1, entries
@@ -164,11 +363,17 @@ def test_warm_start_rebuilds_the_module_without_autoparallel(two_fake_ranks, tmp
     assert tensors(fallback) == tensors(cold)
     assert not (fresh / "graph_cache").exists()
 
-    # An unreadable entry is a miss (a cold start that saves a good entry), not a failure.
-    entries[0].write_bytes(b"not a pickle")
-    _, again, again_component = plan_model(parse(), world_size=2, dump_folder=str(tmp_path))
+    # An unusable entry is a warning and a miss (a cold start that saves a good entry), not
+    # a failure.
+    entries[0].write_bytes(b"not an entry")
+    with caplog.at_level(logging.WARNING):
+        _, again, again_component = plan_model(parse(), world_size=2, dump_folder=str(tmp_path))
     assert again_component.times.trace > 0
-    assert isinstance(pickle.loads(entries[0].read_bytes()), graph_cache.CacheEntry)
+    assert f"graph cache entry {entries[0]} not used: no graph cache header" in caplog.text
+    with monkeypatch.context() as m:
+        refuse_autoparallel(m)
+        _, _, rewritten = plan_model(parse(), world_size=2, dump_folder=str(tmp_path))
+    assert rewritten.times.graph_cache_load > 0
 
 
 _SAME_STEP = r"""

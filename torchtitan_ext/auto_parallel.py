@@ -41,6 +41,7 @@ from torchtitan_ext.moe import (
 from torchtitan_ext.plan import PlanReport, build_report, collectives
 
 # The AutoParallel commit this project is tested against; pyproject.toml's extra pins it too.
+# For the install message only: keys hold what is installed (graph_cache.autoparallel_version).
 AUTOPARALLEL_COMMIT = "a54c2529b1cb10b6b27a585b4a6fc2f84bc1d232"
 AUTOPARALLEL_INSTALL = (
     "pip install 'autoparallel @ git+https://github.com/meta-pytorch/autoparallel.git@"
@@ -875,8 +876,9 @@ def global_batch(training, parallel_dims) -> int:
 
 def plan_key(*, model_config, parallel_dims, training, parallelism, config) -> dict:
     """What a solution is valid for: the model (its config, after update_from_config), the
-    mesh, the global input shapes, the dtypes, the constraints, and the engine versions.
-    Written into placement files; a file whose key differs is refused."""
+    mesh, the global input shapes, the dtypes, the constraints, and the engine versions
+    (AutoParallel's: a digest of its installed source). Written into placement files; a
+    file whose key differs is refused."""
     # The config's repr names init functions by address ("<function normal_ at 0x7f..>").
     model = re.sub(r" at 0x[0-9a-f]+", "", repr(model_config))
     return {
@@ -893,7 +895,7 @@ def plan_key(*, model_config, parallel_dims, training, parallelism, config) -> d
         "param_memory": list(memory_bounds(config, parallel_dims)),
         "parallel_matmuls": config.parallel_matmuls,
         "torch": torch.__version__,
-        "autoparallel": AUTOPARALLEL_COMMIT,
+        "autoparallel": graph_cache.autoparallel_version(),
     }
 
 

@@ -13,8 +13,17 @@ An entry is found by a digest of its key and used only when the whole key is equ
 model (its config after update_from_config), the mesh and its process-group names, the
 global input shapes, dtypes and constraints (plan_key), the placement file's contents, this
 rank and world size, the component's graph options, and the versions of torch, torchtitan,
-AutoParallel and this package's source. So a changed model, mesh, batch, constraint or
-engine misses and the start is cold again; tests/test_graph_cache.py checks each.
+AutoParallel (a digest of its installed source, autoparallel_version) and this package's
+source. So a changed model, mesh, batch, constraint or engine misses and the start is cold
+again; tests/test_graph_cache.py checks each.
+
+An entry is a pickle, and unpickling runs whatever code the file names, so nothing is
+unpickled before it is trusted: the file starts with a header (a magic line, then the
+length of a JSON object and the object: the key, the payload's size and SHA-256), and the
+pickle is read only when the header's key is this start's, the payload is whole, and the
+cache folder, the entry's folder and the file are this user's and not writable by group or
+others (folders are created 0700, entries 0600, written to a temporary file and renamed).
+Any other entry is a warning naming why, and the start plans as usual.
 
 Plans without expert parallelism: their graphs have routing-dependent (unbacked) sizes that
 AOTAutograd's serializer does not take. Eager entries hold our eager runner's graphs;
@@ -26,20 +35,30 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import pickle
+import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate
+from torchtitan.tools.logging import logger
 
 # Bump when the entry's layout changes.
-_FORMAT = 1
+_FORMAT = 2
+
+# An entry file: _MAGIC, the header's length (8 bytes, big-endian), the header (JSON: key,
+# payload_bytes, payload_sha256), then the payload (the pickled CacheEntry).
+_MAGIC = b"torchtitan_ext graph cache entry\n"
+_MAX_HEADER_BYTES = 1 << 20
 
 
 @dataclass
@@ -73,18 +92,37 @@ class CacheEntry:
     """The PlanReport of the cold start."""
 
 
-def _package_source_digest() -> str:
-    # The component's own graph passes (eager runner, constraints, MoE region) shape the
-    # cached graphs: a changed package source is a miss.
+def _source_digest(root: Path, files: list[Path]) -> str:
     digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
+    for path in sorted(files):
+        data = path.read_bytes()
+        digest.update(f"{path.relative_to(root).as_posix()}\0{len(data)}\0".encode())
+        digest.update(data)
     return digest.hexdigest()[:16]
 
 
+def _package_source_digest() -> str:
+    # The component's own graph passes (eager runner, constraints, MoE region) shape the
+    # cached graphs: a changed package source is a miss.
+    root = Path(__file__).parent
+    return _source_digest(root, list(root.glob("*.py")))
+
+
+@functools.cache
+def autoparallel_version() -> str:
+    """The installed AutoParallel: a digest of its package's Python source (every *.py
+    under the package folder). It is installed from git or a tarball without a version
+    that names its code, so graph cache entries and placement files (plan_key) hold this."""
+    spec = importlib.util.find_spec("autoparallel")
+    if spec is None or spec.origin is None:
+        raise ImportError("Meta's AutoParallel is not installed (no 'autoparallel' package)")
+    root = Path(spec.origin).parent
+    return _source_digest(root, list(root.rglob("*.py")))
+
+
 def cache_key(*, plan_key: dict, mesh, options: dict, placement_file: str) -> dict:
-    """Everything an entry's graphs depend on (see the module docstring)."""
+    """Everything an entry's graphs depend on (see the module docstring); ``plan_key``
+    holds the torch and AutoParallel versions."""
     placements = "solved"
     if placement_file and os.path.exists(placement_file):
         placements = hashlib.sha256(Path(placement_file).read_bytes()).hexdigest()[:16]
@@ -104,32 +142,147 @@ def cache_key(*, plan_key: dict, mesh, options: dict, placement_file: str) -> di
 
 
 def entry_path(cache_dir: str, key: dict) -> str:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    digest = hashlib.sha256(_canonical(key).encode()).hexdigest()
     return os.path.join(cache_dir, digest[:20], f"rank{key['rank']}.pkl")
 
 
+def _canonical(key: dict) -> str:
+    # As the header holds the key: a header's key is this start's iff their texts are equal.
+    return json.dumps(key, sort_keys=True, default=str)
+
+
+def _unsafe(st: os.stat_result, what: str) -> str:
+    """Why a folder or entry file with this stat is not trusted; "" if it is."""
+    if st.st_uid != os.getuid():
+        return f"{what} is owned by uid {st.st_uid}, not by this user (uid {os.getuid()})"
+    if st.st_mode & 0o022:
+        return f"{what} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    return ""
+
+
+class _UnusableEntry(Exception):
+    """An entry file that is there but must not be unpickled; the message says why."""
+
+
 def load(cache_dir: str, key: dict) -> tuple[CacheEntry | None, str]:
-    """The entry for ``key``, or None and why not (no entry, unreadable, another key)."""
+    """The entry for ``key``, or None and why not. An entry that is there but unusable
+    (another key, a bad header, truncated, unsafe owner or permissions) is never unpickled
+    and is logged as a warning."""
     path = entry_path(cache_dir, key)
     if not os.path.exists(path):
         return None, f"no entry at {path}"
     try:
-        with open(path, "rb") as f:
-            entry = pickle.load(f)
-    except Exception as e:  # a truncated or foreign file is a miss, not a failed start
-        return None, f"{path} is not readable ({type(e).__name__}: {e})"
-    if not isinstance(entry, CacheEntry) or entry.key != key:
-        return None, f"{path} was saved for another key"
-    return entry, path
+        payload = _trusted_payload(cache_dir, path, key)
+        # Unpickled only now: a file this user wrote, for this very key, whole.
+        entry = pickle.loads(payload)
+        if not isinstance(entry, CacheEntry) or entry.key != key:
+            raise _UnusableEntry("its payload is not the entry its header names")
+    except (OSError, _UnusableEntry) as e:
+        why = f"{path} not used: {e}"
+    except Exception as e:  # a payload this package cannot unpickle (changed classes)
+        why = f"{path} not used: not readable ({type(e).__name__}: {e})"
+    else:
+        return entry, path
+    logger.warning(f"AutoParallel: graph cache entry {why}")
+    return None, why
+
+
+def _trusted_payload(cache_dir: str, path: str, key: dict) -> bytes:
+    """The pickled entry in the file at ``path``, once the cache folder, the entry's folder
+    and the file are this user's and not writable by others, and its header holds ``key``
+    and the payload's size and digest; else _UnusableEntry. Each is opened relative to the
+    folder checked before it, without following links, so what was checked is what is read."""
+    nofollow = os.O_RDONLY | os.O_NOFOLLOW
+    folder = os.path.dirname(path)
+    with contextlib.ExitStack() as stack:
+
+        def checked(fd: int, what: str) -> int:
+            stack.callback(os.close, fd)
+            problem = _unsafe(os.fstat(fd), what)
+            if problem:
+                raise _UnusableEntry(problem)
+            return fd
+
+        root_fd = checked(
+            os.open(cache_dir, os.O_RDONLY | os.O_DIRECTORY), f"cache folder {cache_dir}"
+        )
+        folder_fd = checked(
+            os.open(os.path.basename(folder), nofollow | os.O_DIRECTORY, dir_fd=root_fd),
+            f"folder {folder}",
+        )
+        # O_NONBLOCK: a FIFO here fails the regular-file check instead of blocking the open.
+        fd = checked(
+            os.open(os.path.basename(path), nofollow | os.O_NONBLOCK, dir_fd=folder_fd),
+            "the entry file",
+        )
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _UnusableEntry("not a regular file")
+        f = stack.enter_context(os.fdopen(os.dup(fd), "rb"))
+        if f.read(len(_MAGIC)) != _MAGIC:
+            raise _UnusableEntry("no graph cache header (not an entry, or an older format)")
+        size = int.from_bytes(f.read(8), "big")
+        if size > _MAX_HEADER_BYTES:
+            raise _UnusableEntry(f"malformed header (claims {size} bytes)")
+        text = f.read(size)
+        try:
+            header = json.loads(text)
+        except ValueError as e:
+            what = "truncated header" if len(text) < size else "malformed header"
+            raise _UnusableEntry(f"{what} ({e})") from None
+        if not (
+            isinstance(header, dict)
+            and isinstance(header.get("key"), dict)
+            and isinstance(header.get("payload_bytes"), int)
+            and isinstance(header.get("payload_sha256"), str)
+        ):
+            raise _UnusableEntry("malformed header (not key, payload_bytes and payload_sha256)")
+        saved = header["key"]
+        if _canonical(saved) != _canonical(key):
+            expected = json.loads(_canonical(key))
+            differ = sorted(n for n in {*expected, *saved} if saved.get(n) != expected.get(n))
+            raise _UnusableEntry(f"saved for another key (differs in {', '.join(differ)})")
+        payload = f.read()
+    size = header["payload_bytes"]
+    if len(payload) != size:
+        raise _UnusableEntry(f"truncated ({len(payload)} of {size} payload bytes)")
+    if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
+        raise _UnusableEntry("the payload does not match its header's SHA-256")
+    return payload
 
 
 def save(cache_dir: str, entry: CacheEntry) -> str:
+    """Write ``entry`` whole or not at all (a temporary file in the entry's folder, synced,
+    then renamed over the entry). PermissionError if a folder is not safe to load from."""
     path = entry_path(cache_dir, entry.key)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        pickle.dump(entry, f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, path)  # a reader never sees half a file
+    folder = os.path.dirname(path)
+    # makedirs gives its mode to the last folder only: cache_dir first.
+    os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    for where, what in ((cache_dir, f"cache folder {cache_dir}"), (folder, f"folder {folder}")):
+        problem = _unsafe(os.stat(where), what)
+        if problem:
+            raise PermissionError(f"{problem}: entries there would not be loaded")
+    payload = pickle.dumps(entry, protocol=pickle.HIGHEST_PROTOCOL)
+    header = json.dumps(
+        {
+            "key": json.loads(_canonical(entry.key)),
+            "payload_bytes": len(payload),
+            "payload_sha256": hashlib.sha256(payload).hexdigest(),
+        },
+        sort_keys=True,
+    ).encode()
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:  # mkstemp: mode 0600
+            f.write(_MAGIC + len(header).to_bytes(8, "big") + header)
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return path
 
 
