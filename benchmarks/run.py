@@ -29,6 +29,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -635,7 +636,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ngpu", type=int, default=2)
     parser.add_argument("--variants", default=",".join(v.key for v in VARIANTS))
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "benchmarks" / "results")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/torchtitan_ext_bench"))
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="folder for the runs' dump folders (default: a new temporary folder)",
+    )
     parser.add_argument(
         "--name", default="latest", help="results file stem: <output>/<name>.json, .md, .png"
     )
@@ -655,6 +661,12 @@ def main(argv: list[str] | None = None) -> int:
             f"AutoParallel is not installed: skipping {dropped} (pip install -e '.[autoparallel]')"
         )
 
+    if args.work is None:
+        # A new folder (mode 0700) per benchmark: a fixed one would feed an earlier or
+        # another user's placement files and graph caches to these runs.
+        args.work = Path(tempfile.mkdtemp(prefix="torchtitan_ext_bench."))
+    print(f"work folder: {args.work}", flush=True)
+
     results: list[RunResult] = []
     seed_checkpoints = {
         name: make_seed_checkpoint(args.work, suite)
@@ -665,6 +677,8 @@ def main(argv: list[str] | None = None) -> int:
         order = keys[round_index % len(keys) :] + keys[: round_index % len(keys)]
         for key in order:
             dump = args.work / f"round{round_index}-{key}"
+            if dump.exists():  # from an earlier benchmark in this --work: start clean
+                shutil.rmtree(dump)
             t0 = time.time()
             result = run_variant(
                 BY_KEY[key], round_index=round_index, ngpu=args.ngpu,

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -201,6 +202,35 @@ def test_without_autoparallel_the_autoparallel_half_skips_with_a_line(tmp_path):
     assert not (tmp_path / "out" / "latest.png").exists()
     assert "no chart: matplotlib is not installed (pip install -e '.[bench]'" in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_runs_work_in_a_new_folder_and_a_reused_round_folder_starts_clean(tmp_path, monkeypatch):
+    """Without --work, each benchmark gets a new temporary folder; with it, a round folder
+    an earlier benchmark left (its placement file, graph cache) is emptied before the
+    round runs, so no earlier or planted cache feeds it."""
+    import tempfile
+
+    dumps: dict[Path, list[str]] = {}
+
+    def run_variant(variant, *, round_index, dump, **kwargs):
+        dumps[dump] = sorted(p.name for p in dump.rglob("*")) if dump.exists() else []
+        return _result(variant.key, round_index, [1.0] * STEPS)
+
+    monkeypatch.setattr(bench, "run_variant", run_variant)
+    monkeypatch.setattr(bench, "make_seed_checkpoint", lambda work, suite: work / "seed")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # mkdtemp's parent
+    (tmp_path / "tmp").mkdir()
+    args = ["--rounds", "1", "--steps", str(STEPS), "--variants", "titan_fsdp", "--no-warm",
+            "--no-scaling", "--output", str(tmp_path / "out")]  # fmt: skip
+    assert bench.main(args) == 0 and bench.main(args) == 0
+    works = [dump.parent for dump in dumps]
+    assert len(set(works)) == 2 and {w.parent for w in works} == {tmp_path / "tmp"}, works
+
+    stale = tmp_path / "work" / "round0-titan_fsdp"
+    (stale / "graph_cache").mkdir(parents=True)
+    (stale / "graph_cache" / "rank0.pkl").write_bytes(b"planted")
+    assert bench.main([*args, "--work", str(tmp_path / "work")]) == 0
+    assert dumps[stale] == []
 
 
 def test_cold_start_table_keeps_measured_points_and_measures_the_rest(monkeypatch):
