@@ -3,8 +3,10 @@ starts, in a line or two that name the thing and the fix, with exit code 1."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -291,3 +293,156 @@ def test_placement_file_of_this_plan_passes_the_check(plan_keys, tmp_path):
         [f"--dump_folder={tmp_path}", "--autoparallel.placement_file", "placements.json"],
     )
     launch.check(config, world_size=2)
+
+
+# --- one run per dump folder ---
+
+LOCK_FILE = ".torchtitan_ext.lock"
+
+
+def _launch_in_process(monkeypatch, *args: str, **env: str) -> int:
+    """launch.main in this process, with run_train.sh's environment; launching raises."""
+    for name, value in {"NGPU": "2", "LOG_RANK": "0", "COMM_MODE": "", **env}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("CONFIG", "llama3_debugmodel_autoparallel")
+    monkeypatch.setattr(launch, "_torchrun_argv", None)  # launching would raise TypeError
+    return launch.main(list(args))
+
+
+def _holding_the_lock(folder):
+    """The lock file of ``folder``, locked by this process and naming it, as a live run's."""
+    f = open(folder / LOCK_FILE, "w")
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": "2030-01-02 03:04:05"}
+    f.write(json.dumps(holder))
+    f.flush()
+    return f
+
+
+IN_USE = ("is in use by another run (pid {pid} on host", "started 2030-01-02 03:04:05",
+          "wait for it to finish or stop it, or pass another --dump_folder")  # fmt: skip
+
+
+def test_folder_in_use_is_refused_by_the_launcher(tmp_path, monkeypatch, capsys):
+    with _holding_the_lock(tmp_path):
+        assert _launch_in_process(monkeypatch, f"--dump_folder={tmp_path}") == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"--dump_folder {tmp_path} is in use" in err, err
+    for text in IN_USE:
+        assert text.format(pid=os.getpid()) in err, err
+
+
+@pytest.mark.slow  # a launcher process
+def test_folder_in_use_is_refused_before_any_rank_starts(tmp_path):
+    with _holding_the_lock(tmp_path):
+        proc = run_train_sh(f"--dump_folder={tmp_path}", "--training.steps", "1")
+    expected = [text.format(pid=os.getpid()) for text in IN_USE]
+    assert_refused_before_launch(proc, *expected, lines=1)
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+@pytest.mark.parametrize("comm_mode", ["", "fake_backend"])
+def test_launcher_holds_the_lock_while_its_ranks_run(comm_mode, tmp_path, monkeypatch, capsys):
+    """A dead run's lock file (there, not locked) is taken over with a warning naming that
+    run; the lock is held, naming this process, while torchrun (or the COMM_MODE process)
+    runs, and removed after."""
+    dead = _dead_pid()
+    stale = {"pid": dead, "host": socket.gethostname(), "started": "2030-01-02 03:04:05"}
+    (tmp_path / LOCK_FILE).write_text(json.dumps(stale))
+    ran = []
+
+    def ranks(*_):
+        with open(tmp_path / LOCK_FILE) as f:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            ran.append(json.load(f)["pid"])
+
+    import torch.distributed.run
+
+    from torchtitan_ext import train
+
+    monkeypatch.setattr(torch.distributed.run, "main", ranks)
+    monkeypatch.setattr(train, "main", ranks)
+    # What the launcher sets for its ranks, restored after the test.
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "")
+    for name, value in {"NGPU": "2", "LOG_RANK": "0", "COMM_MODE": comm_mode}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("CONFIG", "llama3_debugmodel_autoparallel")
+    assert launch.main([f"--dump_folder={tmp_path}"]) == 0
+    assert ran == [os.getpid()]
+    assert not (tmp_path / LOCK_FILE).exists()
+    ours = [line for line in capsys.readouterr().err.splitlines() if "run_train.sh" in line]
+    assert ours == [
+        f"run_train.sh: warning: taking over {tmp_path / LOCK_FILE}, left by a run that ended "
+        f"without removing it (pid {dead} on host {socket.gethostname()}, started "
+        "2030-01-02 03:04:05; killed, or its machine went down)"
+    ]
+
+
+# --- resuming from a checkpoint whose .metadata DCP cannot read ---
+
+
+def _checkpoints(folder, *, broken: bytes | None):
+    """<folder>/checkpoint: intact DCP checkpoints step-2 and step-4, step-4's .metadata
+    replaced by ``broken`` (None: cut in half), and step-6 a killed save (no .metadata),
+    which torchtitan skips."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    for step in (2, 4, 6):
+        dcp.save({"w": torch.ones(4)}, checkpoint_id=folder / f"step-{step}", no_dist=True)
+    metadata = folder / "step-4" / ".metadata"
+    whole = metadata.read_bytes()
+    metadata.write_bytes(whole[: len(whole) // 2] if broken is None else broken)
+    (folder / "step-6" / ".metadata").unlink()
+
+
+def _broken_newest(checkpoint_folder) -> tuple[str, ...]:
+    return (
+        f"checkpoint {checkpoint_folder}/step-4 has ",
+        "torchtitan would resume from it and fail on every rank",
+        "The newest intact step is step-2: pass --checkpoint.load_step 2 to resume from it, "
+        f"or move step-4 out of {checkpoint_folder}",
+    )
+
+
+@pytest.mark.parametrize(
+    "broken, problem",
+    [(None, "an unreadable .metadata (UnpicklingError: pickle data was truncated)"),
+     (b"", "an empty .metadata")],
+    ids=["truncated", "empty"],
+)  # fmt: skip
+def test_broken_newest_checkpoint_is_refused_by_the_launcher(
+    broken, problem, tmp_path, monkeypatch, capsys
+):
+    _checkpoints(tmp_path / "checkpoint", broken=broken)
+    args = [f"--dump_folder={tmp_path}", "--checkpoint.enable"]
+    assert _launch_in_process(monkeypatch, *args) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 2, err
+    for text in (*_broken_newest(tmp_path / "checkpoint"), problem):
+        assert text in err, err
+    # What it says passes: an explicit step, or the broken folder moved away.
+    config = launch.parse_config(
+        "config_registry", "llama3_debugmodel_autoparallel", [*args, "--checkpoint.load_step", "2"]
+    )
+    launch.check(config, world_size=2)
+    (tmp_path / "checkpoint" / "step-4").rename(tmp_path / "step-4")
+    launch.check(
+        launch.parse_config("config_registry", "llama3_debugmodel_autoparallel", args), world_size=2
+    )
+
+
+@pytest.mark.slow  # a launcher process
+def test_broken_newest_checkpoint_is_refused_before_any_rank_starts(tmp_path):
+    _checkpoints(tmp_path / "checkpoint", broken=None)
+    proc = run_train_sh(f"--dump_folder={tmp_path}", "--checkpoint.enable", "--training.steps", "1")
+    assert_refused_before_launch(proc, *_broken_newest(tmp_path / "checkpoint"))

@@ -31,6 +31,7 @@ from torchtitan.tools.logging import logger
 
 from torchtitan_ext import cpu, graph_cache, patches
 from torchtitan_ext.aliases import AliasError, AliasMap, storage_bytes, unique_storage_bytes
+from torchtitan_ext.dump_folder import write_whole, written_whole
 from torchtitan_ext.moe import (
     EP_DATA_AXES,
     check_expert_gradients,
@@ -488,18 +489,25 @@ class AliasAwareAutoParallel(Configurable):
         if not _is_rank0():
             return placement
         os.makedirs(self._dump, exist_ok=True)
+        # Each file is replaced whole, AutoParallel's placements and our key in one write.
         if solved and path:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            save_placements(autop.sharding_optimizer, path)
-            _add_plan_key(path, spec.key)
+            with written_whole(path) as tmp:
+                save_placements(autop.sharding_optimizer, tmp)
+                _add_plan_key(tmp, spec.key)
             logger.info(f"AutoParallel: saved placements to {path}")
+        dumped = os.path.join(self._dump, "placements.json")
         if self.config.dump_placements and solved:
-            save_placements(autop.sharding_optimizer, os.path.join(self._dump, "placements.json"))
-            _add_plan_key(os.path.join(self._dump, "placements.json"), spec.key)
-            with open(os.path.join(self._dump, "solution.txt"), "w") as f:
-                f.write(autop.sharding_optimizer.get_log(colored=False))
+            with written_whole(dumped) as tmp:
+                save_placements(autop.sharding_optimizer, tmp)
+                _add_plan_key(tmp, spec.key)
+            write_whole(
+                os.path.join(self._dump, "solution.txt"),
+                autop.sharding_optimizer.get_log(colored=False),
+            )
         elif self.config.dump_placements:
-            shutil.copyfile(path, os.path.join(self._dump, "placements.json"))
+            with written_whole(dumped) as tmp:
+                shutil.copyfile(path, tmp)
         return placement
 
     def _apply(
@@ -722,8 +730,7 @@ class AliasAwareAutoParallel(Configurable):
 
     def _write_report(self, dump: str) -> None:
         if _is_rank0():
-            with open(os.path.join(dump, "plan.json"), "w") as f:
-                f.write(self.report.to_json())
+            write_whole(os.path.join(dump, "plan.json"), self.report.to_json())
 
     def _prepare_compile(self, dump_folder: str, *, ac: bool) -> None:
         """Before a compiled start (graph cache or cold): Inductor's cache folder (its C++
@@ -784,8 +791,7 @@ class AliasAwareAutoParallel(Configurable):
                     "unique_storage_bytes": everything,
                     "alias_extra_bytes": everything - objects,
                 }
-                with open(os.path.join(self._dump, "startup.json"), "w") as f:
-                    json.dump(startup, f, indent=2)
+                write_whole(os.path.join(self._dump, "startup.json"), json.dumps(startup, indent=2))
             return result
 
         module.init_weights = timed_init_weights
@@ -903,7 +909,8 @@ _PLAN_KEY_FIELD = "torchtitan_ext_plan_key"
 
 
 def _add_plan_key(path: str, key: dict) -> None:
-    # AutoParallel's load_placements reads only its own fields and ignores this one.
+    # AutoParallel's load_placements reads only its own fields and ignores this one. Called
+    # on the temporary file save_placements wrote, before it replaces the placement file.
     with open(path) as f:
         data = json.load(f)
     data[_PLAN_KEY_FIELD] = key

@@ -10,9 +10,12 @@
    of range, a flag or value tyro rejects, fewer than 1 step, degrees that do not multiply
    to NGPU, a global batch size torchtitan's Trainer asserts on, a dump folder that cannot
    be written, AutoParallel missing, degrees it does not plan, memory bounds out of order,
-   a placement file solved for another plan (``auto_parallel.check_before_launch``);
-3. starts torchrun in this process (the interpreter torchrun would have started anyway), or
-   with COMM_MODE the one training process itself.
+   a placement file solved for another plan (``auto_parallel.check_before_launch``), a
+   newest checkpoint whose ``.metadata`` DCP cannot read (``dump_folder.check_resume``);
+3. takes the dump folder's run lock (``dump_folder.run_lock``): a folder another run is
+   using is refused;
+4. starts torchrun in this process (the interpreter torchrun would have started anyway), or
+   with COMM_MODE the one training process itself, and holds the lock until it exits.
 
 A failed check prints one or two lines, naming the thing and the fix, and exits 1.
 """
@@ -28,6 +31,8 @@ import re
 import sys
 import tempfile
 from pathlib import Path
+
+from torchtitan_ext.dump_folder import check_resume, run_lock
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OUR_REGISTRY = "config_registry"
@@ -140,6 +145,7 @@ def check(config, *, world_size: int) -> None:
         from torchtitan_ext.auto_parallel import check_before_launch
 
         check_before_launch(config, parallel_dims)
+    check_resume(config.checkpoint, dump_folder=config.dump_folder)
     make_dump_folder(config.dump_folder)
 
 
@@ -228,6 +234,7 @@ def main(args: list[str]) -> int:
     config_name = os.environ.get("CONFIG", "llama3_debugmodel_autoparallel")
     comm_mode = os.environ.get("COMM_MODE", "")
     log_rank = os.environ.get("LOG_RANK") or "0"  # run_train.sh's default too
+    held = contextlib.ExitStack()  # the dump folder's run lock, once taken
     try:
         ngpu = ranks_of(os.environ.get("NGPU", ""))
         if not comm_mode:  # one process: LOG_RANK is not used
@@ -240,32 +247,42 @@ def main(args: list[str]) -> int:
 
             # Prints every option with its help and exits 0; nothing to launch.
             CPUConfigManager().parse_args(["--module", module, "--config", config_name, *args])
-        check(parse_config(module, config_name, args), world_size=ngpu)
+        config = parse_config(module, config_name, args)
+        check(config, world_size=ngpu)
+        held.enter_context(run_lock(config.dump_folder, warn=_warn))
     except (ValueError, ImportError) as e:
         print(f"run_train.sh: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    # Held until this process exits: torchrun runs in it, the ranks as its children.
+    with held:
+        _start(
+            ngpu=ngpu,
+            log_rank=log_rank,
+            comm_mode=comm_mode,
+            module=module,
+            config=config_name,
+            args=args,
+        )
+    return 0
 
+
+def _warn(message: str) -> None:
+    print(f"run_train.sh: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _start(*, ngpu: int, log_rank: str, comm_mode: str, module: str, config: str, args):
     if comm_mode:
         print(f"Running with comm_mode={comm_mode} (NGPU={ngpu}, one process)", flush=True)
         os.environ["LOCAL_RANK"] = "0"
         from torchtitan_ext import train
 
-        sys.argv = [train.__file__, "--module", module, "--config", config_name, *args]
+        sys.argv = [train.__file__, "--module", module, "--config", config, *args]
         train.main()
-        return 0
+        return
     from torch.distributed.run import main as torchrun
 
     os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
-    torchrun(
-        _torchrun_argv(
-            ngpu=ngpu,
-            log_rank=log_rank,
-            module=module,
-            config=config_name,
-            args=args,
-        )
-    )
-    return 0
+    torchrun(_torchrun_argv(ngpu=ngpu, log_rank=log_rank, module=module, config=config, args=args))
 
 
 if __name__ == "__main__":

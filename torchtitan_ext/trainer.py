@@ -21,6 +21,7 @@ from torchtitan.trainer import Trainer as TitanTrainer
 from torchtitan_ext import cpu
 from torchtitan_ext.aliases import storage_bytes
 from torchtitan_ext.auto_parallel import AliasAwareAutoParallel
+from torchtitan_ext.dump_folder import write_whole, written_whole
 
 # c10d op (what the program asks for) -> collective kind, for Trainer's collective count.
 # The backend events ("gloo:all_reduce", "nccl:all_gather"...) carry the payload; gloo runs
@@ -135,8 +136,7 @@ class Trainer(TitanTrainer):
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         folder = os.path.join(self.config.dump_folder, "step_profile")
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
-            json.dump(record, f, indent=2)
+        write_whole(os.path.join(folder, f"rank{rank}.json"), json.dumps(record, indent=2))
         kernels = ", ".join(f"{k} {v:.3f} s" for k, v in sorted(kernel_s.items()))
         logger.info(
             f"Step {self.step} profiled: collectives {dict(sorted(counts.items()))}"
@@ -183,8 +183,7 @@ class Trainer(TitanTrainer):
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         folder = os.path.join(self.config.dump_folder, "rank_stats")
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
-            json.dump(self._state_bytes, f)
+        write_whole(os.path.join(folder, f"rank{rank}.json"), json.dumps(self._state_bytes))
 
     def _dump_gradients(self) -> None:
         # full_tensor() gathers sharded gradients: every rank must take part. Alias names
@@ -202,7 +201,8 @@ class Trainer(TitanTrainer):
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
             folder = os.path.join(self.config.dump_folder, "grads")
             os.makedirs(folder, exist_ok=True)
-            torch.save(grads, os.path.join(folder, f"step-{self.step}.pt"))
+            with written_whole(os.path.join(folder, f"step-{self.step}.pt")) as tmp:
+                torch.save(grads, tmp)
             logger.info(f"Saved step-{self.step} gradients of {len(grads)} parameters to {folder}")
 
 

@@ -1,0 +1,142 @@
+"""Files the AutoParallel component writes in the dump folder are written whole or not at
+all: a write that fails midway (a full disk) leaves the previous file, or none."""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+from torch import nn
+
+OLD = "the previous run's file\n"
+KEY = {"model": "this one"}
+
+
+class _FullDisk:
+    """A file whose first write stores half its data, then fails as a full disk does. No
+    fileno(): shutil.copyfile then copies through write() too."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def write(self, data):
+        self._f.write(data[: len(data) // 2])
+        self._f.flush()
+        raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+    def close(self):
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def _fail_writes_to(monkeypatch, folder, name: str) -> None:
+    """Files opened for writing in ``folder`` whose name holds ``name`` (the file, or a
+    temporary file of it) take half a write, then fail."""
+    real_open = builtins.open
+
+    def open_(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        path = os.fspath(file) if isinstance(file, (str, os.PathLike)) else ""
+        hit = os.path.dirname(os.path.abspath(path)) == str(folder)
+        if "w" in mode and hit and name in os.path.basename(path):
+            return _FullDisk(f)
+        return f
+
+    monkeypatch.setattr(builtins, "open", open_)
+
+
+@pytest.fixture
+def component(tmp_path, monkeypatch):
+    """The component after a solve on rank 0 (no process group), dumping its placements,
+    AutoParallel's save_placements run on a solution of no nodes."""
+    import autoparallel.serialization
+
+    from torchtitan_ext.auto_parallel import AliasAwareAutoParallel
+
+    ap = AliasAwareAutoParallel(
+        AliasAwareAutoParallel.Config(dump_placements=True, alias_check="off")
+    )
+    ap._dump = str(tmp_path / "autoparallel")
+    os.makedirs(ap._dump)
+    monkeypatch.setattr(autoparallel.serialization, "load_placements", lambda *_: "loaded")
+    return ap
+
+
+def _autop():
+    optimizer = SimpleNamespace(
+        _extract_and_validate_solution=dict,
+        mesh=SimpleNamespace(shape=(2,), mesh_dim_names=("dp_shard",)),
+        get_log=lambda colored: "one line per graph node\n" * 50,
+    )
+    return SimpleNamespace(optimize_placement=lambda: "solved", sharding_optimizer=optimizer)
+
+
+def _solve(ap, placement_file: str = ""):
+    return ap._solve_or_load(_autop(), SimpleNamespace(placement_path=placement_file, key=KEY))
+
+
+def _init_weights(ap):
+    module = nn.Linear(2, 2)
+    module.init_weights = lambda: None
+    ap.alias_map = SimpleNamespace()  # alias_check off: not used
+    ap._wrap_init(module)
+    module.init_weights()
+
+
+def _write_plan(ap):
+    ap.report = SimpleNamespace(to_json=lambda: json.dumps({"plan": "new"}))
+    ap._write_report(ap._dump)
+
+
+def _placement_file(tmp_path) -> str:
+    path = tmp_path / "placements.json"
+    path.write_text(json.dumps({"placements": {}, "torchtitan_ext_plan_key": KEY}))
+    return str(path)
+
+
+# (folder, file name, what writes it): the file is there before (OLD) unless noted.
+WRITES = {
+    # Written only when missing (else it is loaded): no file before, none after.
+    "placement file": (
+        "", "placements.json", lambda ap, tmp: _solve(ap, str(tmp / "placements.json")),
+    ),
+    "dumped placements": ("autoparallel", "placements.json", lambda ap, tmp: _solve(ap)),
+    "dumped placements, loaded": (
+        "autoparallel", "placements.json", lambda ap, tmp: _solve(ap, _placement_file(tmp)),
+    ),
+    "solution.txt": ("autoparallel", "solution.txt", lambda ap, tmp: _solve(ap)),
+    "plan.json": ("autoparallel", "plan.json", lambda ap, tmp: _write_plan(ap)),
+    "startup.json": ("autoparallel", "startup.json", lambda ap, tmp: _init_weights(ap)),
+}  # fmt: skip
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("case", list(WRITES))
+def test_a_write_that_fails_midway_leaves_the_previous_file(case, component, tmp_path, monkeypatch):
+    folder_name, name, write = WRITES[case]
+    folder = tmp_path / folder_name
+    target = folder / name
+    before = case != "placement file"
+    if before:
+        target.write_text(OLD)
+    write(component, tmp_path)  # once as it works: the files it writes besides the target
+    if before:
+        target.write_text(OLD)
+    else:
+        target.unlink()
+    files = sorted(os.listdir(folder))
+    _fail_writes_to(monkeypatch, folder, name)
+    with pytest.raises(OSError, match="injected"):
+        write(component, tmp_path)
+    assert sorted(os.listdir(folder)) == files  # no partial file, no temporary one
+    if before:
+        assert target.read_text() == OLD
