@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -80,6 +81,8 @@ def plan_point(config_name: str, *, mesh: int, layers: int | None = None, ep: in
         # backward compiles only at the first step (an expert-parallel plan).
         "compiled_plan": component.report.compiled,
         "experts": component.report.experts,
+        # Expert parallelism: how many expert gradients the plan reduces each way.
+        "expert_gradients": dict(Counter(component.report.expert_gradients.values())),
         "forward_flop_share": component.report.forward_flop_share,
         "matmul_batch_share": component.report.matmul_batch_share,
         "collectives": {k: s.count for k, s in component.report.collectives.items()},
