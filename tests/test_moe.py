@@ -22,12 +22,13 @@ departs after step 9 (1.4e-3 at step 20).
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests._training import run_train
+from tests._training import REPO_ROOT, run_train
 from tests.test_parity import (
     ATOL,
     RTOL,
@@ -71,11 +72,14 @@ def seed_checkpoint(tmp_path_factory) -> Path:
     return dump / "checkpoint"
 
 
-def _router_state(dump: Path) -> dict[str, torch.Tensor]:
+def _router_state(dump: Path, experts: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """The router buffers (FQN -> experts per layer; ROUTER_STATE's by default) as the run's
+    final checkpoint holds them."""
     import torch.distributed.checkpoint as dcp
 
     folder = dump / "checkpoint" / f"step-{STEPS}"
-    state = {fqn: torch.empty(64) for fqn in ROUTER_STATE}
+    experts = experts or dict.fromkeys(ROUTER_STATE, 64)
+    state = {fqn: torch.empty(size) for fqn, size in experts.items()}
     dcp.load(state, checkpoint_id=str(folder))
     return state
 
@@ -186,8 +190,9 @@ def _max_diffs(want: Trained, got: Trained) -> dict[str, float]:
 
 def _assert_router_state_equal(want: dict[str, torch.Tensor], got: dict[str, torch.Tensor]):
     # The hook moved the bias (by +-coeff per step): the buffers were updated, not just kept.
-    assert all(want[fqn].abs().max() > 0 for fqn in ROUTER_STATE)
-    for fqn in ROUTER_STATE:
+    assert all(value.abs().max() > 0 for value in want.values())
+    assert set(got) == set(want)
+    for fqn in want:
         torch.testing.assert_close(got[fqn], want[fqn], rtol=RTOL, atol=ATOL)
 
 
@@ -201,6 +206,146 @@ def test_the_plan_report_names_the_collectives_that_run(trained, request, record
     expected = {**plan, "all_reduce": plan.get("all_reduce", 0) + extra}
     _report(request, record_property, "collectives_run", ap.collectives)
     assert ap.collectives == expected
+
+
+# --- Expert parallelism inside data parallelism: EP 2 x efsdp 2 on 4 gloo ranks ---
+# Two ep groups of 2 ranks each hold every expert and see different tokens, so each expert
+# gradient is a partial sum over efsdp that the plan must reduce (torchtitan_ext.moe).
+# torchtitan's own EP fails on 4 gloo ranks ("ProcessGroupGloo::alltoall: invalid tensor
+# size"): the reference is 1-rank eager, from the same seed checkpoint and global batches.
+EFSDP = ("--training.local_batch_size", "2")  # 4 ranks x 2 rows: eager's global batch of 8
+EFSDP_MESH = "AutoParallel: planning on mesh {'efsdp': 2, 'ep': 2}, global batch 8 x 128"
+EXPERT_WEIGHTS = ("w1_EFD", "w2_EDF", "w3_EFD")
+
+
+def _fault(fault: str) -> dict[str, str]:
+    """The environment that injects ``fault`` (tests/faults/sitecustomize.py)."""
+    path = os.pathsep.join([str(REPO_ROOT / "tests" / "faults"), str(REPO_ROOT)])
+    return {"PYTHONPATH": path, "TORCHTITAN_EXT_TEST_FAULT": fault}
+
+
+def _expert_weights(layers: list[int]) -> set[str]:
+    return {
+        f"layers.{layer}.moe.routed_experts.inner_experts.{weight}"
+        for layer in layers
+        for weight in EXPERT_WEIGHTS
+    }
+
+
+@pytest.fixture(scope="module")
+def trained_efsdp(seed_checkpoint, tmp_path_factory) -> dict[str, tuple[Trained, dict]]:
+    root = tmp_path_factory.mktemp("moe_efsdp")
+    # The compiled run loads the eager run's placement file: one solve for both.
+    placements = ("--autoparallel.placement_file", str(root / "placements.json"))
+    runs = {}
+    for name, extra in (("eager", ()), ("compiled", ("--compile.enable",))):
+        run = _train(
+            CONFIG, seed_checkpoint, root / name,
+            *FINAL_SAVE, *EP, *EFSDP, *placements, *extra,
+            ngpu=4, model=MODEL,
+        )  # fmt: skip
+        runs[name] = (run, _router_state(root / name))
+    return runs
+
+
+@pytest.mark.parametrize("run", ["eager", "compiled"])
+def test_ep_inside_efsdp_matches_eager(run, trained, trained_efsdp, request, record_property):
+    """Every step's loss and gradient norm, every step-1 gradient under every name and the
+    router's state after 20 steps, against 1-rank eager; eager and compiled."""
+    eager, (ap, router) = trained["eager"][0], trained_efsdp[run]
+    assert EFSDP_MESH in ap.log
+    assert "expert gradients: reduce_scatter over efsdp: 6 of 6" in ap.log
+    # Whole experts on ep, sharded further over efsdp: a quarter of the 64 stored per rank.
+    assert "experts per rank: 16 of 64 per layer" in ap.log
+    if run == "compiled":
+        assert "AutoParallel: compiled plan" in ap.log
+        assert "AutoParallel: loaded placements from" in ap.log
+    assert sorted(ap.losses) == list(range(1, STEPS + 1))
+    _report(request, record_property, "max_abs_diff_vs_eager", _max_diffs(eager, ap))
+    assert parity_problems(eager, ap) == {"losses": [], "grad_norms": [], "gradients": []}
+    assert _expert_weights([0, 1]) | {"layers.1.moe.router.gate.weight"} <= set(ap.grads)
+    _assert_router_state_equal(trained["eager"][1], router)
+
+
+def test_ep_inside_efsdp_fails_parity_without_the_expert_reduction(
+    trained, seed_checkpoint, tmp_path_factory, request, record_property
+):
+    """The checks above catch the fault they target: expert gradients declared complete on
+    efsdp (the plan drops their reduction; the start-up check is turned off so it trains).
+    Exactly the expert weights' step-1 gradients differ, and the gradient norm."""
+    eager = trained["eager"][0]
+    faulty = _train(
+        CONFIG, seed_checkpoint, tmp_path_factory.mktemp("moe_efsdp_fault"), *EP, *EFSDP,
+        ngpu=4, steps=3, model=MODEL,
+        env=_fault("drop_expert_grad_reduction_unchecked"),
+    )  # fmt: skip
+    assert "[fault-shim] drop_expert_grad_reduction_unchecked injected" in faulty.log
+    assert "expert gradients: none: 6 of 6" in faulty.log
+    problems = parity_problems(eager, faulty)
+    _report(request, record_property, "caught", {k: v[:2] for k, v in problems.items() if v})
+    assert {line.split(":")[0] for line in problems["gradients"]} == _expert_weights([0, 1])
+    assert problems["grad_norms"]
+
+
+def test_start_up_refuses_a_plan_that_drops_the_expert_reduction():
+    """The same fault with the start-up check on: planning (4 fake ranks, one process)
+    stops before the solve, naming every expert weight."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests._plan_probe", "--world", "4", "--config", CONFIG, *EP,
+         *EFSDP, "--training.seq_len", "128"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, **_fault("drop_expert_grad_reduction")},
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-3000:]
+    refusal = next(
+        (line for line in output.splitlines() if "refusing a plan that drops expert" in line), ""
+    )
+    assert "expert gradient reductions over efsdp" in refusal, output[-3000:]
+    assert all(fqn in refusal for fqn in _expert_weights([0, 1])), refusal
+    assert "AutoParallel: planning on mesh" not in output  # before the constraints and solve
+
+
+DEEPSEEK = "deepseek_v3_debugmodel_autoparallel"
+# Its first layer is dense; the second has 8 routed experts (top 6), 2 shared ones and
+# expert-bias routing.
+DEEPSEEK_ROUTER_STATE = {"layers.1.moe.expert_bias_E": 8}
+
+
+@pytest.fixture(scope="module")
+def deepseek_trained(tmp_path_factory) -> dict[str, tuple[Trained, dict]]:
+    root = tmp_path_factory.mktemp("deepseek")
+    run_train(
+        DEEPSEEK, "--checkpoint.create_seed_checkpoint", "--checkpoint.enable",
+        "--debug.seed", SEED, ngpu=1, dump_folder=root / "seed", model="deepseek_v3",
+    ).check()  # fmt: skip
+    seed = root / "seed" / "checkpoint"
+    runs = {}
+    for name, args, ngpu in (
+        ("eager", ("--parallelize", "torchtitan", "--training.local_batch_size", "8"), 1),
+        ("ep2_efsdp2", (*EP, *EFSDP), 4),
+    ):
+        run = _train(
+            DEEPSEEK, seed, root / name, *FINAL_SAVE, *args, ngpu=ngpu, model="deepseek_v3"
+        )
+        runs[name] = (run, _router_state(root / name, DEEPSEEK_ROUTER_STATE))
+    return runs
+
+
+def test_deepseek_ep_inside_efsdp_matches_eager(deepseek_trained, request, record_property):
+    """DeepSeek-V3's debug model (shared experts, expert bias) in the same shape."""
+    (eager, eager_router), (ap, router) = deepseek_trained["eager"], deepseek_trained["ep2_efsdp2"]
+    assert "AutoParallel: planning" not in eager.log
+    assert EFSDP_MESH in ap.log
+    assert "expert gradients: reduce_scatter over efsdp: 3 of 3" in ap.log
+    _report(request, record_property, "max_abs_diff_vs_eager", _max_diffs(eager, ap))
+    assert parity_problems(eager, ap) == {"losses": [], "grad_norms": [], "gradients": []}
+    shared = {f"layers.1.moe.shared_experts.w{i}.weight" for i in (1, 2, 3)}
+    assert _expert_weights([1]) | shared <= set(ap.grads)
+    _assert_router_state_equal(eager_router, router)
 
 
 # --- DCP between AutoParallel with expert parallelism (2 gloo ranks) and eager ---

@@ -14,6 +14,11 @@ file as ``sitecustomize`` at start-up; the environment says which fault, if any:
 - ``TORCHTITAN_EXT_TEST_FAULT=drop_alias`` (parity): once init_weights ran (and the alias
   check after it passed), the alias name ``lm_head.weight`` is removed from the AutoParallel
   model; ``tok_embeddings.weight``, the name its graph reads, stays.
+- ``TORCHTITAN_EXT_TEST_FAULT=drop_expert_grad_reduction`` (expert parallelism): the expert
+  region declares its weights' gradients complete on efsdp and dp_replicate (as local_map
+  did before torchtitan_ext declared them partial), so the plan drops their data-parallel
+  reduction; ``drop_expert_grad_reduction_unchecked`` also turns off the start-up check
+  that refuses such a plan, so the run trains with it.
 
 Without the variables nothing is patched. torch is not imported here (every process
 imports this file, torchrun's launcher too): each patch is applied when its module is
@@ -30,7 +35,13 @@ import sys
 
 _KILL_AT = os.environ.get("TORCHTITAN_EXT_TEST_KILL_SAVE", "")
 _FAULT = os.environ.get("TORCHTITAN_EXT_TEST_FAULT", "")
-_FAULTS = ("", "grad_scale_2x", "drop_alias")
+_FAULTS = (
+    "",
+    "grad_scale_2x",
+    "drop_alias",
+    "drop_expert_grad_reduction",
+    "drop_expert_grad_reduction_unchecked",
+)
 if _FAULT not in _FAULTS:
     raise ValueError(f"TORCHTITAN_EXT_TEST_FAULT must be one of {_FAULTS}, got {_FAULT!r}")
 
@@ -91,11 +102,24 @@ def _faulty_autoparallel(module) -> None:
     component.__call__ = parallelize_with_fault
 
 
+def _expert_grads_declared_complete(module) -> None:
+    module.EXPERT_GRAD_PARTIAL_AXES = ()
+    print(f"[fault-shim] {_FAULT} injected into the expert region", flush=True)
+
+
+def _no_expert_gradient_check(module) -> None:
+    module.check_expert_gradients = lambda *args, **kwargs: None
+
+
 _PATCHES = {}
 if _KILL_AT:
     _PATCHES["torch.distributed.checkpoint.filesystem"] = _kill_during_save
-if _FAULT:
+if _FAULT in ("grad_scale_2x", "drop_alias"):
     _PATCHES["torchtitan_ext.auto_parallel"] = _faulty_autoparallel
+if _FAULT.startswith("drop_expert_grad_reduction"):
+    _PATCHES["torchtitan_ext.moe"] = _expert_grads_declared_complete
+if _FAULT == "drop_expert_grad_reduction_unchecked":
+    _PATCHES["torchtitan_ext.auto_parallel"] = _no_expert_gradient_check
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
