@@ -155,6 +155,15 @@ BAD_RUNS = {
         {"NGPU": "0"}, (),
         ("NGPU=0: a run needs at least 1 rank", "set NGPU=1 or more, or unset it"),
     ),
+    "ranks-not-a-number": (
+        {"NGPU": "abc"}, (),
+        ("NGPU must be a number of ranks, got 'abc'",),
+    ),
+    "no-row-per-rank": (
+        {}, ("--training.local_batch_size", "0"),
+        ("--training.local_batch_size 0: each rank needs at least 1 row",
+         "pass --training.local_batch_size 1 or more"),
+    ),
 }  # fmt: skip
 
 
@@ -163,18 +172,31 @@ def test_bad_runs_are_refused_by_the_launcher(case, monkeypatch, capsys):
     """The launcher in this process (fast): exit 1 and the message, before any rank."""
     env, args, expected = BAD_RUNS[case]
     env = {"NGPU": "2", "LOG_RANK": "0", "COMM_MODE": "", **env}
-    _assert_refused_in_process(monkeypatch, capsys, env=env, args=args, expected=expected)
+    _assert_refused_in_process(monkeypatch, capsys, env=env, args=args, expected=expected, lines=1)
 
 
-def _assert_refused_in_process(monkeypatch, capsys, *, env, args, expected) -> None:
-    """launch.main in this process: exit 1, at most 2 lines holding ``expected``, no launch."""
+def test_unknown_comm_mode_is_refused_by_the_launcher(tmp_path, monkeypatch, capsys):
+    """COMM_MODE becomes --comm.mode, whose choices tyro checks: 2 lines."""
+    _assert_refused_in_process(
+        monkeypatch, capsys,
+        env={"NGPU": "2", "LOG_RANK": "0", "COMM_MODE": "bogus"},
+        args=(f"--dump_folder={tmp_path}",),
+        expected=("invalid choice 'bogus' for argument '--comm.mode'",
+                  "'fake_backend', 'local_tensor'", "./run_train.sh --help"),
+    )  # fmt: skip
+
+
+def _assert_refused_in_process(monkeypatch, capsys, *, env, args, expected, lines=2) -> None:
+    """launch.main in this process: exit 1, at most ``lines`` lines holding ``expected``,
+    no launch."""
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("CONFIG", "llama3_debugmodel_autoparallel")
-    monkeypatch.setattr(launch, "_torchrun_argv", None)  # launching would raise TypeError
+    # Launching (torchrun, or COMM_MODE's training process) would raise TypeError.
+    monkeypatch.setattr(launch, "_start", None)
     assert launch.main(list(args)) == 1
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) <= 2, err
+    assert len(err.strip().splitlines()) <= lines, err
     for text in expected:
         assert text in err, err
 
@@ -278,6 +300,20 @@ def test_placement_file_of_another_plan_is_refused_by_the_launcher(
     assert launch.main(args) == 1
     err = capsys.readouterr().err
     assert f"placement file {plan_file}" in err and "delete it" in err, err
+
+
+@pytest.mark.engine
+def test_placement_file_not_json_is_refused_by_the_launcher(tmp_path, monkeypatch, capsys):
+    plan_file = tmp_path / "placements.json"
+    plan_file.write_text('{"version": 1,')  # cut short
+    _assert_refused_in_process(
+        monkeypatch, capsys,
+        env={"NGPU": "2", "LOG_RANK": "0", "COMM_MODE": ""},
+        args=(f"--dump_folder={tmp_path}", "--autoparallel.placement_file", "placements.json"),
+        expected=(f"placement file {plan_file} is not readable JSON (Expecting property name",
+                  "delete it to solve again, or pass another --autoparallel.placement_file"),
+        lines=1,
+    )  # fmt: skip
 
 
 @pytest.mark.engine
@@ -445,3 +481,21 @@ def test_broken_newest_checkpoint_is_refused_before_any_rank_starts(tmp_path):
     _checkpoints(tmp_path / "checkpoint", broken=None)
     proc = run_train_sh(f"--dump_folder={tmp_path}", "--checkpoint.enable", "--training.steps", "1")
     assert_refused_before_launch(proc, *_broken_newest(tmp_path / "checkpoint"))
+
+
+def test_no_intact_checkpoint_is_refused_by_the_launcher(tmp_path, monkeypatch, capsys):
+    """Every step with a .metadata broken: no step to name, only the folders to move."""
+    folder = tmp_path / "checkpoint"
+    _checkpoints(folder, broken=b"")
+    (folder / "step-2" / ".metadata").write_bytes(b"")
+    args = [f"--dump_folder={tmp_path}", "--checkpoint.enable"]
+    assert _launch_in_process(monkeypatch, *args) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 2, err
+    for text in (
+        f"checkpoint {folder}/step-4 has an empty .metadata",
+        "torchtitan would resume from it and fail on every rank (broken too: step-2)",
+        f"No older step is intact: move step-4, step-2 out of {folder} to start without them",
+    ):
+        assert text in err, err
+    assert "--checkpoint.load_step" not in err, err
