@@ -119,6 +119,10 @@ def test_bad_flags_fail_before_any_rank_starts(case):
     assert_refused_before_launch(run_train_sh(*args), *expected)
 
 
+# torchtitan's parallelization: the launcher's checks of the dump folder, its lock and its
+# checkpoints come after AutoParallel's (installed or not), and do not depend on them.
+NO_ENGINE = ("--parallelize", "torchtitan")
+
 # Inputs the ranks would take to no step, a traceback each or torchrun's, with the
 # environment they need (run_train.sh's NGPU=2 unless set).
 BAD_RUNS = {
@@ -143,7 +147,7 @@ BAD_RUNS = {
     ),
     "dump-folder-not-writable": (
         # Under a regular file (this one): not a folder even for root.
-        {}, ("--dump_folder", f"{__file__}/dump"),
+        {}, (*NO_ENGINE, "--dump_folder", f"{__file__}/dump"),
         (f"--dump_folder {__file__}/dump cannot be written (Not a directory)",
          "pass --dump_folder a folder you can write to"),
     ),
@@ -341,7 +345,7 @@ def _launch_in_process(monkeypatch, *args: str, **env: str) -> int:
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("CONFIG", "llama3_debugmodel_autoparallel")
     monkeypatch.setattr(launch, "_torchrun_argv", None)  # launching would raise TypeError
-    return launch.main(list(args))
+    return launch.main([*NO_ENGINE, *args])
 
 
 def _holding_the_lock(folder):
@@ -371,7 +375,7 @@ def test_folder_in_use_is_refused_by_the_launcher(tmp_path, monkeypatch, capsys)
 @pytest.mark.slow  # a launcher process
 def test_folder_in_use_is_refused_before_any_rank_starts(tmp_path):
     with _holding_the_lock(tmp_path):
-        proc = run_train_sh(f"--dump_folder={tmp_path}", "--training.steps", "1")
+        proc = run_train_sh(*NO_ENGINE, f"--dump_folder={tmp_path}", "--training.steps", "1")
     expected = [text.format(pid=os.getpid()) for text in IN_USE]
     assert_refused_before_launch(proc, *expected, lines=1)
 
@@ -411,7 +415,7 @@ def test_launcher_holds_the_lock_while_its_ranks_run(comm_mode, tmp_path, monkey
     for name, value in {"NGPU": "2", "LOG_RANK": "0", "COMM_MODE": comm_mode}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("CONFIG", "llama3_debugmodel_autoparallel")
-    assert launch.main([f"--dump_folder={tmp_path}"]) == 0
+    assert launch.main([*NO_ENGINE, f"--dump_folder={tmp_path}"]) == 0
     assert ran == [os.getpid()]
     assert not (tmp_path / LOCK_FILE).exists()
     ours = [line for line in capsys.readouterr().err.splitlines() if "run_train.sh" in line]
@@ -467,19 +471,26 @@ def test_broken_newest_checkpoint_is_refused_by_the_launcher(
         assert text in err, err
     # What it says passes: an explicit step, or the broken folder moved away.
     config = launch.parse_config(
-        "config_registry", "llama3_debugmodel_autoparallel", [*args, "--checkpoint.load_step", "2"]
+        "config_registry",
+        "llama3_debugmodel_autoparallel",
+        [*NO_ENGINE, *args, "--checkpoint.load_step", "2"],
     )
     launch.check(config, world_size=2)
     (tmp_path / "checkpoint" / "step-4").rename(tmp_path / "step-4")
     launch.check(
-        launch.parse_config("config_registry", "llama3_debugmodel_autoparallel", args), world_size=2
+        launch.parse_config(
+            "config_registry", "llama3_debugmodel_autoparallel", [*NO_ENGINE, *args]
+        ),
+        world_size=2,
     )
 
 
 @pytest.mark.slow  # a launcher process
 def test_broken_newest_checkpoint_is_refused_before_any_rank_starts(tmp_path):
     _checkpoints(tmp_path / "checkpoint", broken=None)
-    proc = run_train_sh(f"--dump_folder={tmp_path}", "--checkpoint.enable", "--training.steps", "1")
+    proc = run_train_sh(
+        *NO_ENGINE, f"--dump_folder={tmp_path}", "--checkpoint.enable", "--training.steps", "1"
+    )
     assert_refused_before_launch(proc, *_broken_newest(tmp_path / "checkpoint"))
 
 
