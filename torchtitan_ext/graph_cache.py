@@ -43,7 +43,6 @@ import json
 import os
 import pickle
 import stat
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +50,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate
 from torchtitan.tools.logging import logger
+
+from torchtitan_ext.dump_folder import written_whole
 
 # Bump when the entry's layout changes.
 _FORMAT = 2
@@ -271,18 +272,10 @@ def save(cache_dir: str, entry: CacheEntry) -> str:
         },
         sort_keys=True,
     ).encode()
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:  # mkstemp: mode 0600
+    with written_whole(path) as tmp:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
             f.write(_MAGIC + len(header).to_bytes(8, "big") + header)
             f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
     return path
 
 
