@@ -46,7 +46,7 @@ def engine_required(config) -> bool:
 
 
 def pytest_report_header(config):
-    from tests.integration.run_tests import engine_missing_reason
+    from tests.support.integration.run_tests import engine_missing_reason
 
     reason = engine_missing_reason()
     state = "installed" if reason is None else f"missing: {reason}"
@@ -55,7 +55,7 @@ def pytest_report_header(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    from tests.integration.run_tests import engine_missing_reason
+    from tests.support.integration.run_tests import engine_missing_reason
 
     reason = engine_missing_reason()
     if reason is None or engine_required(config):

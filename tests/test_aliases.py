@@ -1,6 +1,6 @@
 """torchtitan_ext.aliases: capture, restore, keep tied and verify aliased names.
 
-Each model of ``_alias_models`` goes through real transforms that break aliasing (meta
+Each model of ``alias_models`` goes through real transforms that break aliasing (meta
 round trip, ``distribute_module``, FSDP2, AutoParallel), then restore + keep_tied + init +
 verify, and must match the plain model: same FQNs and state_dict keys, one storage per
 group, same loss and gradients.
@@ -19,8 +19,8 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 
-from tests import _alias_engines as engines
-from tests._alias_models import MODELS, SharedBuffers, TiedLM, ViewBuffers
+from tests.support import alias_engines as engines
+from tests.support.alias_models import MODELS, SharedBuffers, TiedLM, ViewBuffers
 from torchtitan_ext.aliases import AliasError, AliasGroup, AliasMap, unique_storage_bytes
 
 

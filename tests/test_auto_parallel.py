@@ -13,7 +13,7 @@ import tomllib
 import pytest
 from torchtitan.config import ConfigManager
 
-from tests._training import REPO_ROOT
+from tests.support.training import REPO_ROOT
 from torchtitan_ext.auto_parallel import AUTOPARALLEL_COMMIT, AliasAwareAutoParallel, plan_model
 
 CONFIG = "llama3_debugmodel_autoparallel"
@@ -310,7 +310,7 @@ TWO_D_MESHES = {
 
 @pytest.fixture(scope="module")
 def two_d_plans():
-    probe = [sys.executable, "-m", "tests._plan_probe", "--layers", "1"]
+    probe = [sys.executable, "-m", "tests.support.plan_probe", "--layers", "1"]
     procs = {
         name: subprocess.Popen(
             [*probe, "--world", str(world), *args],

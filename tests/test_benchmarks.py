@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import run as bench
-from tests._training import REPO_ROOT
+from tests.support.training import REPO_ROOT
 
 PHASES = {
     "alias_capture": 0.01,

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 from torchtitan.components.checkpoint import CheckpointManager
 
-from tests._checkpoint_roundtrip import CONFIG, LAYERS, TIED
-from tests._training import REPO_ROOT
+from tests.support.checkpoint_roundtrip import CONFIG, LAYERS, TIED
+from tests.support.training import REPO_ROOT
 
 ROPE_CACHES = [f"layers.{i}.attention.rope.cache" for i in range(LAYERS)]
 
@@ -26,7 +26,7 @@ ROPE_CACHES = [f"layers.{i}.attention.rope.cache" for i in range(LAYERS)]
 def roundtrip(tmp_path_factory) -> dict:
     workdir = tmp_path_factory.mktemp("dcp_roundtrip")
     proc = subprocess.run(
-        [sys.executable, "-m", "tests._checkpoint_roundtrip", str(workdir), "--ranks", "2"],
+        [sys.executable, "-m", "tests.support.checkpoint_roundtrip", str(workdir), "--ranks", "2"],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -98,7 +98,7 @@ def test_autoparallel_checkpoint_loads_into_the_eager_model(roundtrip):
 
 
 # --- which checkpoint a resumed run loads ---
-# The kill-and-resume runs themselves are integration runs (tests/integration/runs.py:
+# The kill-and-resume runs themselves are integration runs (tests/support/integration/runs.py:
 # ap_shared_rope_1rank_kill_resume, run by tests/test_integration.py on CPU, and
 # gpu_kill_resume_dp_shard8): a run SIGKILLed while DCP writes its step-4 checkpoint resumes
 # from step 2 and repeats steps 3-4 exactly.

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torchtitan.config import ConfigManager
 
-from tests._training import REPO_ROOT
+from tests.support.training import REPO_ROOT
 from torchtitan_ext import graph_cache
 from torchtitan_ext.auto_parallel import check_placement_file, plan_key_of, plan_model
 

@@ -1,5 +1,6 @@
-"""The integration runs (tests/integration): the CPU tier run under pytest through the same
-code as ``python -m tests.integration.run_tests``, and the runner and run list themselves."""
+"""The integration runs (tests/support/integration): the CPU tier run under pytest through the
+same code as ``python -m tests.support.integration.run_tests``, and the runner and run list
+themselves."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import re
 import pytest
 from torchtitan.config import ConfigManager
 
-from tests.integration import OverrideDefinitions, run_tests
-from tests.integration.checks import (
+from tests.support.integration import OverrideDefinitions, run_tests
+from tests.support.integration.checks import (
     CheckpointFolders,
     CommandResult,
     FiniteLosses,
@@ -23,7 +24,7 @@ from tests.integration.checks import (
     ResumeMatches,
     StepsRan,
 )
-from tests.integration.runs import CPU_RUNS, GPU_RUNS, RUNS
+from tests.support.integration.runs import CPU_RUNS, GPU_RUNS, RUNS
 from torchtitan_ext.launch import resolve
 
 ENGINE_REASON = run_tests.engine_missing_reason()
@@ -266,5 +267,5 @@ def test_list_prints_every_command_as_a_user_types_it(tmp_path, capsys):
     assert "-m torch.distributed.run --nproc_per_node 2" in out
     assert "-m torchtitan.train --module config_registry --config llama3_debugmodel_auto" in out
     assert "NGPU=8 LOG_RANK=0 COMM_MODE=fake_backend" in out
-    shim = f"PYTHONPATH={run_tests.REPO_ROOT}/tests/faults"
+    shim = f"PYTHONPATH={run_tests.REPO_ROOT}/tests/support/faults"
     assert re.search(rf"{re.escape(shim)}\S* TORCHTITAN_EXT_TEST_KILL_SAVE=step-4 ", out), out

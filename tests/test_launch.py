@@ -13,7 +13,7 @@ import sys
 import pytest
 from torchtitan.distributed import ParallelDims
 
-from tests._training import REPO_ROOT
+from tests.support.training import REPO_ROOT
 from torchtitan_ext import launch
 from torchtitan_ext.auto_parallel import AUTOPARALLEL_COMMIT, plan_key_of
 

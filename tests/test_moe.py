@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests._training import REPO_ROOT, run_train
+from tests.support.training import REPO_ROOT, run_train
 from tests.test_parity import (
     ATOL,
     RTOL,
@@ -219,8 +219,8 @@ EXPERT_WEIGHTS = ("w1_EFD", "w2_EDF", "w3_EFD")
 
 
 def _fault(fault: str) -> dict[str, str]:
-    """The environment that injects ``fault`` (tests/faults/sitecustomize.py)."""
-    path = os.pathsep.join([str(REPO_ROOT / "tests" / "faults"), str(REPO_ROOT)])
+    """The environment that injects ``fault`` (tests/support/faults/sitecustomize.py)."""
+    path = os.pathsep.join([str(REPO_ROOT / "tests" / "support" / "faults"), str(REPO_ROOT)])
     return {"PYTHONPATH": path, "TORCHTITAN_EXT_TEST_FAULT": fault}
 
 
@@ -294,7 +294,7 @@ def test_start_up_refuses_a_plan_that_drops_the_expert_reduction():
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "-m", "tests._plan_probe", "--world", "4", "--config", CONFIG, *EP,
+        [sys.executable, "-m", "tests.support.plan_probe", "--world", "4", "--config", CONFIG, *EP,
          *EFSDP, "--training.seq_len", "128"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
         env={**os.environ, **_fault("drop_expert_grad_reduction")},
@@ -359,13 +359,13 @@ def roundtrip(tmp_path_factory) -> dict:
     import subprocess
     import sys
 
-    from tests._training import REPO_ROOT
+    from tests.support.training import REPO_ROOT
 
     workdir = tmp_path_factory.mktemp("moe_dcp")
     flags = [f"--flag={flag}" for flag in EP]
     proc = subprocess.run(
-        [sys.executable, "-m", "tests._checkpoint_roundtrip", str(workdir), "--config", CONFIG,
-         "--ranks", "2", *flags],
+        [sys.executable, "-m", "tests.support.checkpoint_roundtrip", str(workdir),
+         "--config", CONFIG, "--ranks", "2", *flags],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     output = proc.stdout + proc.stderr

@@ -13,7 +13,7 @@ before clipping, under every name (alias names included; ``--grad_dump_step 1``)
 Clipping is off (``--training.max_norm 1e9``: the clip coefficient clamps to 1) and the
 gradients are read before it, because clipping at 1.0 would hide a uniform gradient
 scaling fault whenever the norm exceeds 1, and AdamW then hides it from the losses. The
-last tests inject such faults into the AutoParallel run (tests/faults/sitecustomize.py)
+last tests inject such faults into the AutoParallel run (tests/support/faults/sitecustomize.py)
 and require the same checks to fail.
 """
 
@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests._training import REPO_ROOT, run_train, tensorboard_scalars
+from tests.support.training import REPO_ROOT, run_train, tensorboard_scalars
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
@@ -273,7 +273,9 @@ def test_parity_checks_fail_on_an_injected_fault(
         ngpu=2,
         steps=3,
         env={
-            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "tests" / "faults"), str(REPO_ROOT)]),
+            "PYTHONPATH": os.pathsep.join(
+                [str(REPO_ROOT / "tests" / "support" / "faults"), str(REPO_ROOT)]
+            ),
             "TORCHTITAN_EXT_TEST_FAULT": fault,
         },
     )  # fmt: skip

@@ -1,13 +1,13 @@
-"""The soak script (tests/soak.py) on a small count: the main job, eager, twice in a row on
+"""The soak script (tests/support/soak.py) on a small count: the main job, eager, twice in a row on
 2 ranks, every run exiting 0 with no abort text. Compiled runs (a cold compile: 2.5 min
 each) and the full count (20 of 20 per mode) are run by hand:
-``python -m tests.soak outputs/soak``."""
+``python -m tests.support.soak outputs/soak``."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests import soak
+from tests.support import soak
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from tests._training import run_train
+from tests.support.training import run_train
 
 CONFIG = "llama3_debugmodel_cpu"
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests._training import REPO_ROOT
-from tests.integration import run_tests
-from tests.integration.runs import RUNS
+from tests.support.integration import run_tests
+from tests.support.integration.runs import RUNS
+from tests.support.training import REPO_ROOT
 from torchtitan_ext.auto_parallel import AUTOPARALLEL_COMMIT
 
 WORKFLOWS = REPO_ROOT / ".github" / "workflows"
@@ -112,9 +112,9 @@ def test_gpu_workflow_installs_the_stack_and_runs_the_gpu_tier_on_8_gpus():
     assert f'"autoparallel @ {AUTOPARALLEL_GIT}${{AUTOPARALLEL_COMMIT}}"' in install
     assert "python -m pip install -e '.[dev]'" in lines
 
-    (run,) = [line for line in lines if "tests.integration.run_tests" in line]
+    (run,) = [line for line in lines if "tests.support.integration.run_tests" in line]
     argv = shlex.split(run)
-    assert argv[:3] == ["python", "-m", "tests.integration.run_tests"]
+    assert argv[:3] == ["python", "-m", "tests.support.integration.run_tests"]
     module = REPO_ROOT / Path(*argv[2].split(".")).with_suffix(".py")
     assert module.is_file(), module
     options = dict(zip(argv[4::2], argv[5::2], strict=False))

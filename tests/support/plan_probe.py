@@ -2,7 +2,7 @@
 print the plan report as JSON on the last line (for tests that need another world size than
 their own process's).
 
-    python -m tests._plan_probe --world 8 --layers 2 --parallelism.tensor_parallel_degree 2
+    python -m tests.support.plan_probe --world 8 --layers 2 --parallelism.tensor_parallel_degree 2
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Soak: run the main job N times in a row on 2 ranks, eager and compiled, and report every
 exit code and any abort text.
 
-    python -m tests.soak OUTPUT_DIR [--runs 20] [--modes eager,compiled] [--steps 20]
+    python -m tests.support.soak OUTPUT_DIR [--runs 20] [--modes eager,compiled] [--steps 20]
 
 Each run is ``MODEL=llama3 CONFIG=llama3_debugmodel_autoparallel NGPU=2 ./run_train.sh``
 (``--compile.enable`` for compiled), rerun as a user reruns it: one dump folder per mode
@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG = "llama3_debugmodel_autoparallel"
 MODES = {"eager": (), "compiled": ("--compile.enable",)}
 # What a run that died in native code or lost a rank leaves in its log.

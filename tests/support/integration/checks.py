@@ -10,7 +10,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from tests._training import parse_steps
+from tests.support.training import parse_steps
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Run by tests/test_checkpoint.py in a subprocess (it installs process-wide patches and
 process groups the pytest process must not keep):
 
-    python -m tests._checkpoint_roundtrip WORKDIR [--config NAME] [--ranks 2] [--layers 2]
+    python -m tests.support.checkpoint_roundtrip WORKDIR [--config NAME] [--ranks 2] [--layers 2]
         [--flag=--parallelism.expert_parallel_degree --flag=2 ...]
 
 1. eager (this process, no process group): torchtitan's model built as the Trainer builds

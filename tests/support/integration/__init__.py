@@ -2,7 +2,7 @@
 flags on NGPU ranks, run as a user runs them and checked from their output.
 
 ``runs.py`` lists the runs; ``run_tests.py`` runs them
-(``python -m tests.integration.run_tests OUTPUT_DIR --tier cpu --ngpu 2``);
+(``python -m tests.support.integration.run_tests OUTPUT_DIR --tier cpu --ngpu 2``);
 ``tests/test_integration.py`` runs the CPU tier under pytest through the same code.
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from tests.integration.checks import Check
+from tests.support.integration.checks import Check
 
 __all__ = ["Check", "OverrideDefinitions"]
 

@@ -1,6 +1,6 @@
-"""Run the integration runs of tests/integration/runs.py and report each one.
+"""Run the integration runs of tests/support/integration/runs.py and report each one.
 
-    python -m tests.integration.run_tests OUTPUT_DIR --tier cpu --ngpu 2 [--filter REGEX]
+    python -m tests.support.integration.run_tests OUTPUT_DIR --tier cpu --ngpu 2 [--filter REGEX]
 
 runs every run of the tier whose name matches REGEX (re.search) and that fits in --ngpu
 devices, one after another, each command as a user would type it, with OUTPUT_DIR/NAME as
@@ -29,12 +29,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tests._training import tensorboard_scalars
-from tests.integration import OverrideDefinitions
-from tests.integration.checks import CommandResult
-from tests.integration.runs import RUNS
+from tests.support.integration import OverrideDefinitions
+from tests.support.integration.checks import CommandResult
+from tests.support.integration.runs import RUNS
+from tests.support.training import tensorboard_scalars
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 ENGINE_MISSING = "Meta's AutoParallel is not installed: pip install -e '.[autoparallel]'"
 EXIT_FAILED, EXIT_NONE_PASSED = 1, 5
 TB_LOSS_TAG = "loss_metrics/global_avg_loss"
@@ -288,7 +288,7 @@ def _log_tail(outcome: RunOutcome) -> str:
 
 def main(argv: list[str] | None = None, runs: list[OverrideDefinitions] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m tests.integration.run_tests", description=__doc__.split("\n\n")[0]
+        prog="python -m tests.support.integration.run_tests", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("output_dir", type=Path, help="empty or new folder for dumps and logs")
     parser.add_argument("--tier", choices=["cpu", "gpu", "all"], default="cpu")

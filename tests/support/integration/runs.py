@@ -7,8 +7,8 @@ short; each combines several requirements. GPU tier: for 4-8 GPU runners
 
 from __future__ import annotations
 
-from tests.integration import OverrideDefinitions
-from tests.integration.checks import (
+from tests.support.integration import OverrideDefinitions
+from tests.support.integration.checks import (
     CheckpointFolders,
     FiniteLosses,
     LogContains,
@@ -67,9 +67,9 @@ _CHECKPOINTED = [
     "--metrics.enable_tensorboard", "--metrics.save_tb_folder", "tb",
 ]  # fmt: skip
 
-# tests/faults/sitecustomize.py: SIGKILL while DCP writes step-4.
+# tests/support/faults/sitecustomize.py: SIGKILL while DCP writes step-4.
 KILL_DURING_STEP4_SAVE = {
-    "PYTHONPATH": "{repo}/tests/faults",
+    "PYTHONPATH": "{repo}/tests/support/faults",
     "TORCHTITAN_EXT_TEST_KILL_SAVE": "step-4",
 }
 

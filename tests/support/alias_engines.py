@@ -1,6 +1,6 @@
 """Transforms that break aliasing, and the checks tests/test_aliases.py runs after them.
 
-Each ``run_*`` function takes a model class from ``_alias_models``, builds the model, runs
+Each ``run_*`` function takes a model class from ``alias_models``, builds the model, runs
 one real transform (meta round trip, ``distribute_module``, FSDP2, AutoParallel) followed
 by ``restore`` + ``keep_tied`` + init + ``verify``, and compares the result with the plain
 model (``check_against_reference``). They run in the pytest process (one rank) or in each
@@ -23,7 +23,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 
-from tests._alias_models import MODELS, TiedLM
+from tests.support.alias_models import MODELS, TiedLM
 from torchtitan_ext.aliases import AliasMap, unique_storage_bytes
 
 
