@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from torchtitan.components.loss import CrossEntropyLoss
 from torchtitan.config import CompileConfig
+from torchtitan.config.override import derive
 from torchtitan.models.common.config_utils import decoder_vocab_size
 from torchtitan.models.deepseek_v3.config_registry import deepseek_v3_16b, deepseek_v3_debugmodel
 from torchtitan.models.llama3 import model_registry as llama3_model
@@ -32,7 +33,7 @@ def _debug(config, config_cls):
     """Our debug configs: bundled assets, batches independent of the data-parallel degree
     (runs on 1 and 2 ranks see the same global batches), CPU-sized steps, and the CPU
     adaptations when there is no accelerator."""
-    config = config_cls.derived_from(config)
+    config = derive(config, config_cls)
     assets = ensure_assets()
     config.hf_assets_path = assets.tokenizer_path
     config.dataloader = GlobalBatchTextDataLoader.Config(
@@ -64,10 +65,9 @@ def _for_autoparallel(config):
 
 def _large(config):
     """A large config trained through AutoParallel, compiled (Inductor on AutoParallel's
-    graphs: bucketed collectives overlapped with compute). On the CPU debug models compiled
-    steps 0.98x eager's (dense) and 0.7x torchtitan EP's (MoE) (README, Compiled); at these
-    sizes it is not measured here. --compile.no-enable turns it off."""
-    config = AutoParallelTrainer.Config.derived_from(_for_autoparallel(config))
+    graphs: bucketed collectives overlapped with compute; benchmarks/README.md compares it
+    with eager on the debug models). --compile.no-enable turns it off."""
+    config = derive(_for_autoparallel(config), AutoParallelTrainer.Config)
     config.compile = CompileConfig(enable=True, components=["model"])
     use_bundled_assets_if_missing(config)
     cpu.adapt_config(config)

@@ -51,7 +51,7 @@ def plan_point(config_name: str, *, mesh: int, layers: int | None = None, ep: in
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     import config_registry
-    from torchtitan_ext.auto_parallel import plan_model
+    from torchtitan_ext.parallelize import plan_model
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=mesh)
     config = getattr(config_registry, config_name)()

@@ -10,7 +10,7 @@
    of range, a flag or value tyro rejects, fewer than 1 step, degrees that do not multiply
    to NGPU, a global batch size torchtitan's Trainer asserts on, a dump folder that cannot
    be written, AutoParallel missing, degrees it does not plan, memory bounds out of order,
-   a placement file solved for another plan (``auto_parallel.check_before_launch``), a
+   a placement file solved for another plan (``parallelize.spec.check_before_launch``), a
    newest checkpoint whose ``.metadata`` DCP cannot read (``dump_folder.check_resume``);
 3. takes the dump folder's run lock (``dump_folder.run_lock``): a folder another run is
    using is refused;
@@ -142,7 +142,7 @@ def check(config, *, world_size: int) -> None:
     dp_degree = parallel_dims.dp_replicate * parallel_dims.dp_shard  # torchtitan's "batch" mesh
     check_batch_sizes(config.training, dp_degree=dp_degree)
     if isinstance(config, AutoParallelTrainer.Config) and config.parallelize == "autoparallel":
-        from torchtitan_ext.auto_parallel import check_before_launch
+        from torchtitan_ext.parallelize.spec import check_before_launch
 
         check_before_launch(config, parallel_dims)
     check_resume(config.checkpoint, dump_folder=config.dump_folder)

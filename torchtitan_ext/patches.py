@@ -1,11 +1,35 @@
-"""Adaptations of torch and AutoParallel that AutoParallel's planning needs here. Each
-says which limitation it answers and when it can go.
+"""Every adaptation of torch, torchtitan and AutoParallel this project makes, in one place.
+Each says which limitation it answers and when it can go; nothing here runs until called.
+
+Called by the AutoParallel component (any device):
+- ``adapt_local_map_hop``: the expert region's local_map (HOP naming, in_grad_placements)
+- ``memoized_redistribute_costs``: AutoParallel's strategy tables, built in a fraction
+- ``reset_autoparallel_caches``: AutoParallel's caches keyed without the mesh
+- ``grouped_mm_inputs_keep_eager_strides``: Inductor's _grouped_mm input strides
+- ``serializable_compile``: AutoParallel's apply compiling in AOTAutograd's serializable form
+- ``recording_overlap_schedule``: the graphs Inductor's overlap scheduler bucketed
+Called by torchtitan_ext.cpu.install_runtime (CPU only):
+- ``torchtitan_on_cpu``: torchtitan's device globals, memory monitor, process-group timeouts
+- ``float32_grouped_mm_meta``: the meta kernel of float32 _grouped_mm
+- ``autoparallel_on_cpu``: AutoParallel's cost model and DTensor strategies on CPU
+- ``inductor_overlap_on_cpu``: Inductor's overlap scheduler without a GPU
+- ``SumReductionParallelize``: torchtitan's FSDP on gloo
+Called by the Trainer: ``before_clip_grad_norm`` (torchtitan's seam between backward and
+clipping). Not here: torchtitan_ext.train's main() sets torchtitan.train.ConfigManager, the
+hook torchtitan's entry point builds its config through.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+import sys
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torchtitan.tools.logging import logger
 
 # The forward region's kwargs key for the gradient placements (adapt_local_map_hop), and
 # torch's autograd kernel of the HOP that the adaptation wraps.
@@ -97,3 +121,299 @@ def memoized_redistribute_costs() -> Iterator[None]:
         yield
     finally:
         utils.redistribute_cost = cost
+
+
+def reset_autoparallel_caches() -> None:
+    """Clear AutoParallel's strategy and cost caches before each plan. They are keyed
+    without the mesh, so a second plan in one process for a mesh of another size would
+    reuse stale strategies and get an infeasible ILP. Goes when AutoParallel keys them
+    with the mesh."""
+    from autoparallel.cost_models.collective_runtime_estimation import reset_comms_cost_cache
+    from autoparallel.cost_models.compute_estimation import reset_compute_cost_cache
+    from autoparallel.shardings.placement_options import reset_placement_options_cache
+
+    reset_placement_options_cache()
+    reset_comms_cost_cache()
+    reset_compute_cost_cache()
+
+
+def grouped_mm_inputs_keep_eager_strides() -> None:
+    """Have Inductor hand torch._grouped_mm its inputs in the eager graph's stride order.
+    Idempotent; called before compiling (every plan: only graphs with _grouped_mm change).
+    Goes when Inductor's _grouped_mm lowering keeps 16-byte-aligned strides.
+
+    torch 2.14's Inductor lowering of _grouped_mm (tuned_grouped_mm, which picks the ATen
+    kernel on CPU) realizes its inputs asking only for some dim of stride 1, so it may
+    materialize the backward's transposed token matrix as a fresh contiguous (dim, tokens)
+    buffer, whose row stride is the number of tokens this rank received. _grouped_mm needs
+    strides that are multiples of 16 bytes (CPU and CUDA), and that count depends on the
+    routing: compiled EP 2 x efsdp 2 (4 CPU ranks) failed at step 3 with "strides should be
+    multiple of 16 bytes". Eager, the same matrix is a transposed view of the (tokens, dim)
+    buffer, whose strides are fixed by dim. Inductor's FX graph cache key does not hold
+    layout constraints: a graph compiled without this one is served unchanged
+    (tests/test_moe_inductor.py turns the cache off).
+    """
+    from torch._inductor.lowering import add_layout_constraint, constrain_to_fx_strides
+
+    add_layout_constraint(torch.ops.aten._grouped_mm.default, constrain_to_fx_strides)
+
+
+def torchtitan_on_cpu(*, build_memory_monitor: Callable) -> None:
+    """torchtitan 0.3.0 assumes an accelerator: it picks its device at import
+    (`_get_available_device_type() or "cuda"`, a binding several modules copied), builds a
+    CUDA memory monitor, and passes the string "cpu" as a barrier device id, which gloo
+    rejects. Rebind every copy to CPU, use ``build_memory_monitor``, and set process-group
+    timeouts without that barrier argument. Goes when torchtitan runs on CPU itself."""
+    import torchtitan.components.metrics as metrics
+    import torchtitan.distributed.utils as dist_utils
+    import torchtitan.tools.utils as tt_utils
+
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("torchtitan") or module is None:
+            continue
+        if getattr(module, "device_type", None) == "cuda":
+            module.device_type = "cpu"
+        if getattr(module, "device_module", None) is torch.cuda:
+            module.device_module = torch.cpu
+    assert tt_utils.device_type == "cpu"
+    metrics.build_device_memory_monitor = build_memory_monitor
+    dist_utils.set_pg_timeouts = _set_pg_timeouts_cpu
+
+
+def _set_pg_timeouts_cpu(timeout: timedelta, parallel_dims) -> None:
+    # torchtitan's version, without the barrier's device id.
+    logger.info(f"Synchronizing and adjusting timeout for all ProcessGroups to {timeout}")
+    dist.barrier()
+    groups = [m.get_group() for m in parallel_dims.get_all_one_dimensional_meshes().values()]
+    for group in [*groups, None]:
+        dist.set_timeout(timeout, group)
+
+
+def float32_grouped_mm_meta() -> None:
+    """torch 2.14's meta kernel of aten._grouped_mm copies the CUDA kernel's checks and
+    refuses float32 ("Expected mat_a to be BFloat16"), while the CPU kernel computes
+    float32: fake tensors (AutoParallel's tracing, torch.compile) then fail on
+    Float32GroupedExperts. Unscaled float32 grouped matmuls get the meta kernel's own
+    output allocation; the CPU kernel still checks shapes and offsets when it runs. Goes
+    when torch's meta kernel accepts float32."""
+    import torch._meta_registrations as meta_registrations
+
+    checked_common = meta_registrations._meta_grouped_mm_common
+
+    def meta_grouped_mm_common(
+        mat_a,
+        mat_b,
+        scale_a,
+        scale_b,
+        offs=None,
+        bias=None,
+        scale_result=None,
+        out_dtype=None,
+        use_fast_accum=False,
+    ):
+        if scale_a is None and mat_a.dtype == mat_b.dtype == torch.float32:
+            torch._check(bias is None, lambda: "grouped_mm: bias is not supported")
+            torch._check(
+                out_dtype in (None, torch.float32),
+                lambda: f"grouped_mm: float32 inputs give float32, not {out_dtype}",
+            )
+            return meta_registrations._create_grouped_mm_output_tensor(
+                mat_a, mat_b, offs, torch.float32
+            )
+        return checked_common(
+            mat_a, mat_b, scale_a, scale_b, offs, bias, scale_result, out_dtype, use_fast_accum
+        )
+
+    meta_registrations._meta_grouped_mm_common = meta_grouped_mm_common
+
+
+def autoparallel_on_cpu() -> None:
+    """Close the gaps that keep AutoParallel (a54c252) from planning and running on CPU
+    (measured on torch 2.14.1). Goes gap by gap as AutoParallel and DTensor close them."""
+    import autoparallel.cost_models.compute_estimation as compute_estimation
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._ops._view_ops import Broadcast, _ViewShardingPropagator
+
+    # Gap 1: the compute cost model finds its device limits by the CUDA device name and
+    # raises on CPU. AutoParallel's own CPU tests (tests/conftest.py) answer with the H100
+    # entry; we do the same, so plans are costed as for an H100 (relative op costs only).
+    h100 = next(lim for lim in compute_estimation.DEVICE_LIMITS if lim.name == "H100")
+    compute_estimation._get_device_limit = lambda: h100
+
+    # Gap 2 (1-rank meshes only): DTensor's view-op rewrite maps each input dim to its output
+    # dims but has no entry for the singleton dim of aten.expand (a Broadcast), so a Shard on
+    # that size-1 dim (legal only when the mesh dim has size 1) raises KeyError. Treat a
+    # Broadcast like a Repeat: its input dim is not shardable through the view.
+    original_analyze_dim = _ViewShardingPropagator._analyze_dim
+
+    def analyze_dim(self, cmd):
+        if isinstance(cmd, Broadcast):
+            for d in original_analyze_dim(self, cmd.dim):
+                self.shard_allowed[d.input_dim] = [False] * self.mesh_ndim
+            return []
+        return original_analyze_dim(self, cmd)
+
+    _ViewShardingPropagator._analyze_dim = analyze_dim
+
+    # Gap 2b (1-rank meshes only): a strict view (aten.view) that reshapes a dim sharded on a
+    # size-1 mesh dim raises ("would remove or reshape sharded dimension") instead of
+    # falling back, and the solver's enumeration stops there (DeepSeek-V3's attention on 1
+    # rank). On a 1-rank mesh dim a Shard holds the whole tensor, so the fallback to
+    # Replicate is exact: allow it for those mesh dims.
+    original_analyze = _ViewShardingPropagator.analyze
+
+    def analyze(self):
+        for mesh_dim, placement in enumerate(self.input_src_placements):
+            if self.mesh_sizes[mesh_dim] == 1 and isinstance(placement, Shard):
+                self.strict_replicate_fallback.add((placement.dim, mesh_dim))
+        return original_analyze(self)
+
+    _ViewShardingPropagator.analyze = analyze
+
+    # Gap 3: DTensor has sharding strategies for the CUDA SDPA kernels but none for the CPU
+    # flash kernel, so the solver could only replicate attention (the full batch on every
+    # rank). Register the same batch- and head-sharded strategies the CUDA flash op has.
+    from torch.distributed.tensor._ops.single_dim_strategy import (
+        _ShardingPlaceholder,
+        register_single_dim_strategy,
+    )
+
+    aten = torch.ops.aten
+
+    @register_single_dim_strategy(aten._scaled_dot_product_flash_attention_for_cpu.default)
+    def flash_cpu_strategy(op, args_schema, kwargs_schema):
+        if kwargs_schema.get("attn_mask") is not None:
+            return []  # a mask would need its own placement; replicate (always offered)
+        # [output, logsumexp, query, key, value]: shard batch (dim 0) or heads (dim 1).
+        return [[_ShardingPlaceholder(dim)] * 5 for dim in (0, 1)]
+
+    @register_single_dim_strategy(aten._scaled_dot_product_flash_attention_for_cpu_backward.default)
+    def flash_cpu_backward_strategy(op, args_schema, kwargs_schema):
+        if kwargs_schema.get("attn_mask") is not None:
+            return []
+        # [grad_q, grad_k, grad_v, grad_out, q, k, v, out, logsumexp].
+        return [[_ShardingPlaceholder(dim)] * 9 for dim in (0, 1)]
+
+
+def inductor_overlap_on_cpu(*, bandwidth_gbs: Callable[[], float]) -> None:
+    """Let Inductor's comm/compute overlap scheduler (AutoParallel's compile backend and our
+    eager runner bucket and order collectives with it) run on CPU. It estimates op runtimes
+    from the device's DRAM bandwidth, which Inductor reads from a GPU datasheet or asks
+    triton for (failing on CPU: "0 active drivers"): it gets ``bandwidth_gbs()``, asked at
+    its first use. It also benchmarks nodes with torch.cuda.synchronize unless the compute
+    estimator is "analytical" (roofline). Goes when Inductor estimates CPU runtimes."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.analysis import device_info
+
+    datasheet_dram_bw_gbs = device_info.datasheet_dram_bw_gbs
+    measured = functools.cache(bandwidth_gbs)
+
+    def dram_bw_gbs(device_name: str | None = None) -> float | None:
+        return measured() if device_name is None else datasheet_dram_bw_gbs(device_name)
+
+    device_info.datasheet_dram_bw_gbs = dram_bw_gbs
+    inductor_config.aten_distributed_optimizations.compute_estimator = "analytical"
+
+
+class SumReductionParallelize:
+    """A torchtitan parallelize function whose FSDP modules reduce with plain SUM: gloo
+    rejects FSDP's PREMUL_SUM reduce-scatter (torchtitan's own FSDP path on CPU).
+    AutoParallel's plans use sum/avg only and need nothing. Goes when gloo takes
+    PREMUL_SUM."""
+
+    def __init__(self, parallelize_fn: Callable):
+        self.parallelize_fn = parallelize_fn
+        functools.update_wrapper(self, parallelize_fn)
+
+    def __call__(self, model, **kwargs):
+        from torch.distributed.fsdp import FSDPModule
+
+        model = self.parallelize_fn(model, **kwargs)
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_force_sum_reduction_for_comms(True)
+        return model
+
+
+class NotSerializable(RuntimeError):
+    """AOTAutograd refused to compile the graphs in its serializable form."""
+
+
+@contextlib.contextmanager
+def serializable_compile(captured: dict):
+    """Make AutoParallel's apply_placement compile its graphs in AOTAutograd's serializable
+    form and put the serializable callable in ``captured["compiled"]`` (the graph cache).
+
+    AutoParallel a54c252 calls aot_compile_joint_with_descriptors without serializable=True
+    and keeps only a closure around the result; we wrap the function it imported. With
+    serializable=True AOTAutograd compiles the backward at once (not at the first backward)
+    and bundles both graphs with its runtime metadata; the graphs and how they run are
+    unchanged. The fw/bw compilers must return an OutputCode: Inductor's compiled graph,
+    or our eager runner wrapped by graph_cache_entry.eager_output_code. Goes when
+    AutoParallel's API can ask for the serializable form."""
+    import autoparallel.api as ap_api
+
+    compile_joint = ap_api.aot_compile_joint_with_descriptors
+
+    def compile_serializable(jd, **kwargs):
+        try:
+            fn = compile_joint(jd, serializable=True, **kwargs)
+        except Exception as e:
+            raise NotSerializable(
+                f"AOTAutograd could not serialize the graphs ({type(e).__name__}: {e})"
+            ) from e
+        compiled = fn
+        # simple_wraps: the returned function's __wrapped__ is the serializable callable.
+        while not hasattr(compiled, "serialize_compile_artifacts"):
+            compiled = compiled.__wrapped__
+        captured["compiled"] = compiled
+        return fn
+
+    ap_api.aot_compile_joint_with_descriptors = compile_serializable
+    try:
+        yield
+    finally:
+        ap_api.aot_compile_joint_with_descriptors = compile_joint
+
+
+@contextlib.contextmanager
+def recording_overlap_schedule(record: Callable[[torch.fx.Graph], None]) -> Iterator[None]:
+    """Hand every graph Inductor's overlap scheduler bucketed and reordered (in place) to
+    ``record``: the plan report counts the collectives Inductor's code issues. Inductor
+    imports the pass from its module each time it runs it. Goes when Inductor reports what
+    it bucketed."""
+    from torch._inductor.fx_passes import overlap_scheduling
+
+    schedule = overlap_scheduling.schedule_overlap_bucketing_from_inductor_configs
+
+    def recording_schedule(graph, *args, **kwargs):
+        result = schedule(graph, *args, **kwargs)
+        record(graph)
+        return result
+
+    overlap_scheduling.schedule_overlap_bucketing_from_inductor_configs = recording_schedule
+    try:
+        yield
+    finally:
+        overlap_scheduling.schedule_overlap_bucketing_from_inductor_configs = schedule
+
+
+@contextlib.contextmanager
+def before_clip_grad_norm(hook: Callable[[], None]) -> Iterator[None]:
+    """Run ``hook`` when torchtitan's train_step reaches gradient clipping: it runs backward,
+    clipping and the optimizer step in one method, whose one seam between backward and
+    clipping is its call of dist_utils.clip_grad_norm_. Goes when torchtitan's Trainer has
+    a hook there."""
+    from torchtitan.distributed import utils as dist_utils
+
+    clip_grad_norm = dist_utils.clip_grad_norm_
+
+    def hook_then_clip(*args, **kwargs):
+        hook()
+        return clip_grad_norm(*args, **kwargs)
+
+    dist_utils.clip_grad_norm_ = hook_then_clip
+    try:
+        yield
+    finally:
+        dist_utils.clip_grad_norm_ = clip_grad_norm

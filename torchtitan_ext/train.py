@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torchtitan.train
 from torchtitan.config import ConfigManager
+from torchtitan.config.override import derive
 from torchtitan.trainer import Trainer as TitanTrainer
 
 from torchtitan_ext import cpu
@@ -24,7 +25,7 @@ class CPUConfigManager(ConfigManager):
     def _load_config(self, args: list[str]) -> tuple[object, list[str]]:
         config, args = super()._load_config(args)
         if cpu.use_cpu() and type(config) is TitanTrainer.Config:
-            config = Trainer.Config.derived_from(config)
+            config = derive(config, Trainer.Config)
             use_bundled_assets_if_missing(config)
             cpu.adapt_config(config)
         return config, args

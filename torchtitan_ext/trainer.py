@@ -18,10 +18,10 @@ from torchtitan.config import Configurable
 from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer as TitanTrainer
 
-from torchtitan_ext import cpu
+from torchtitan_ext import cpu, patches
 from torchtitan_ext.aliases import storage_bytes
-from torchtitan_ext.auto_parallel import AliasAwareAutoParallel
 from torchtitan_ext.dump_folder import write_whole, written_whole
+from torchtitan_ext.parallelize import AliasAwareAutoParallel
 
 # c10d op (what the program asks for) -> collective kind, for Trainer's collective count.
 # The backend events ("gloo:all_reduce", "nccl:all_gather"...) carry the payload; gloo runs
@@ -76,15 +76,10 @@ class Trainer(TitanTrainer):
         written to <dump_folder>/step_profile/rank<R>.json; 0 = never. Profiling slows the
         step: keep it out of timed steps."""
 
-        @classmethod
-        def derived_from(cls, config: TitanTrainer.Config):
-            """Re-create a torchtitan Trainer.Config as this class, field by field (shared
-            sub-configs, not copies); fields this class adds keep their defaults."""
-            # dataclasses.fields() skips Configurable's _owner ClassVar, as it must.
-            return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
-
     def __init__(self, config: Config):
         cpu.install_runtime()
+        self._state_bytes: dict[str, int] | None = None
+        """Bytes of this rank's state, recorded after the first step."""
         super().__init__(config)
 
     def close(self) -> None:
@@ -95,10 +90,10 @@ class Trainer(TitanTrainer):
             cpu.skip_interpreter_teardown_after_success()
 
     def train_step(self, data_iterator):
-        first = not hasattr(self, "_state_bytes")
+        first = self._state_bytes is None
         with contextlib.ExitStack() as stack:
             if self.step == self.config.grad_dump_step:
-                stack.enter_context(self._dump_gradients_before_clipping())
+                stack.enter_context(patches.before_clip_grad_norm(self._dump_gradients))
             if self.step == self.config.profile_step:
                 stack.enter_context(self._profile_step())
             super().train_step(data_iterator)
@@ -142,25 +137,6 @@ class Trainer(TitanTrainer):
             f"Step {self.step} profiled: collectives {dict(sorted(counts.items()))}"
             + (f"; kernels {kernels}" if kernels else "")
         )
-
-    @contextlib.contextmanager
-    def _dump_gradients_before_clipping(self):
-        """torchtitan's train_step runs backward, clipping and the optimizer step in one
-        method; its one seam between backward and clipping is its call of
-        dist_utils.clip_grad_norm_, wrapped here for this step only."""
-        from torchtitan.distributed import utils as dist_utils
-
-        clip_grad_norm = dist_utils.clip_grad_norm_
-
-        def dump_then_clip(*args, **kwargs):
-            self._dump_gradients()
-            return clip_grad_norm(*args, **kwargs)
-
-        dist_utils.clip_grad_norm_ = dump_then_clip
-        try:
-            yield
-        finally:
-            dist_utils.clip_grad_norm_ = clip_grad_norm
 
     def _record_state_bytes(self) -> None:
         """Log and save (<dump_folder>/rank_stats/rank<R>.json) the bytes this rank holds
@@ -239,9 +215,3 @@ class AutoParallelTrainer(Trainer):
                 model_spec = dataclasses.replace(self.model_spec, parallelize_fn=component)
                 config = dataclasses.replace(self, model_spec=model_spec)
             return Configurable.Config.build(config, **kwargs)
-
-    def train_step(self, data_iterator):
-        super().train_step(data_iterator)
-        component = self.config.model_spec.parallelize_fn
-        if isinstance(component, AliasAwareAutoParallel):
-            component.report_compiled_plan()

@@ -25,8 +25,8 @@ cache folder, the entry's folder and the file are this user's and not writable b
 others (folders are created 0700, entries 0600, written to a temporary file and renamed).
 Any other entry is a warning naming why, and the start plans as usual.
 
-Plans without expert parallelism: their graphs have routing-dependent (unbacked) sizes that
-AOTAutograd's serializer does not take. Eager entries hold our eager runner's graphs;
+Plans with expert parallelism are not cached: their graphs have routing-dependent (unbacked)
+sizes that AOTAutograd's serializer does not take. Eager entries hold our eager runner's graphs;
 compiled entries (--compile.enable) hold Inductor's output code, whose C++ kernels load from
 Inductor's cache folder (the component's compile_cache_dir), built again if it was emptied.
 """
@@ -34,8 +34,6 @@ Inductor's cache folder (the component's compile_cache_dir), built again if it w
 from __future__ import annotations
 
 import contextlib
-import copy
-import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -43,15 +41,22 @@ import json
 import os
 import pickle
 import stat
-from dataclasses import dataclass
+import time
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate
 from torchtitan.tools.logging import logger
 
 from torchtitan_ext.dump_folder import written_whole
+from torchtitan_ext.parallelize.graph_cache_entry import (
+    CacheEntry,
+    build_parallel_module,
+    make_entry,
+)
+from torchtitan_ext.parallelize.report import PhaseTimes, PlanReport
+from torchtitan_ext.parallelize.spec import PlanSpec, source_digest
+from torchtitan_ext.ranks import agree_across_ranks
 
 # Bump when the entry's layout changes.
 _FORMAT = 2
@@ -62,63 +67,11 @@ _MAGIC = b"torchtitan_ext graph cache entry\n"
 _MAX_HEADER_BYTES = 1 << 20
 
 
-@dataclass
-class TensorSpec:
-    """A parameter or buffer of the parallel module: global shape, dtype, placements."""
-
-    fqn: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    placements: tuple
-    requires_grad: bool
-
-
-@dataclass
-class CacheEntry:
-    """What a warm start needs instead of trace, solve and apply (one rank's)."""
-
-    key: dict
-    compiled: bytes
-    """AOTAutograd's bundled forward + backward (BundledAOTAutogradSerializableCallable):
-    our eager runner's graphs, or Inductor's compiled code."""
-    parameters: list[TensorSpec]
-    """In the order the compiled graphs take them (AutoParallel's params_spec)."""
-    buffers: list[TensorSpec]
-    in_spec: object
-    """pytree spec of the traced (args, kwargs), to order a call's keyword arguments."""
-    out_spec: object
-    input_shapes: list[tuple[int, ...]]
-    """Local shapes of the flat model inputs on this rank."""
-    report: object
-    """The PlanReport of the cold start."""
-
-
-def _source_digest(root: Path, files: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(files):
-        data = path.read_bytes()
-        digest.update(f"{path.relative_to(root).as_posix()}\0{len(data)}\0".encode())
-        digest.update(data)
-    return digest.hexdigest()[:16]
-
-
 def _package_source_digest() -> str:
     # The component's own graph passes (eager runner, constraints, MoE region) shape the
     # cached graphs: a changed package source is a miss.
-    root = Path(__file__).parent
-    return _source_digest(root, list(root.glob("*.py")))
-
-
-@functools.cache
-def autoparallel_version() -> str:
-    """The installed AutoParallel: a digest of its package's Python source (every *.py
-    under the package folder). It is installed from git or a tarball without a version
-    that names its code, so graph cache entries and placement files (plan_key) hold this."""
-    spec = importlib.util.find_spec("autoparallel")
-    if spec is None or spec.origin is None:
-        raise ImportError("Meta's AutoParallel is not installed (no 'autoparallel' package)")
-    root = Path(spec.origin).parent
-    return _source_digest(root, list(root.rglob("*.py")))
+    root = Path(__file__).parent.parent
+    return source_digest(root, list(root.rglob("*.py")))
 
 
 def cache_key(*, plan_key: dict, mesh, options: dict, placement_file: str) -> dict:
@@ -279,139 +232,89 @@ def save(cache_dir: str, entry: CacheEntry) -> str:
     return path
 
 
-class NotSerializable(RuntimeError):
-    """AOTAutograd refused to compile the graphs in its serializable form."""
+class GraphCache:
+    """One start's use of the graph cache: its folder and the options its key holds."""
 
+    def __init__(self, *, folder: str, spec: PlanSpec, options: dict):
+        self.folder = folder
+        self.spec = spec
+        self.options = options
+        """The component's graph options (eager_overlap, all-reduce buckets, compile, AC)."""
 
-@contextlib.contextmanager
-def serializable_compile(captured: dict):
-    """Make AutoParallel's apply_placement compile its graphs in AOTAutograd's serializable
-    form and put the serializable callable in ``captured["compiled"]``.
+    @classmethod
+    def for_start(cls, *, folder: str, spec: PlanSpec, dump_folder: str, options: dict):
+        """The cache of this start, or None: no folder configured, or expert parallelism."""
+        if not folder or spec.expert_parallel:
+            return None
+        if not os.path.isabs(folder):
+            folder = os.path.join(dump_folder, folder)
+        return cls(folder=folder, spec=spec, options=options)
 
-    AutoParallel a54c252 calls aot_compile_joint_with_descriptors without serializable=True
-    and keeps only a closure around the result; we wrap the function it imported. With
-    serializable=True AOTAutograd compiles the backward at once (not at the first backward)
-    and bundles both graphs with its runtime metadata; the graphs and how they run are
-    unchanged. The fw/bw compilers must return an OutputCode: Inductor's compiled graph,
-    or our eager runner wrapped by eager_output_code."""
-    import autoparallel.api as ap_api
+    def key(self) -> dict:
+        """This start's key. Computed at each use: a solve may have just written the
+        placement file, whose contents the next start's key holds."""
+        return cache_key(
+            plan_key=self.spec.key,
+            mesh=self.spec.mesh,
+            options=self.options,
+            placement_file=self.spec.placement_path,
+        )
 
-    compile_joint = ap_api.aot_compile_joint_with_descriptors
+    def load(self, model: nn.Module, times: PhaseTimes) -> tuple[nn.Module, PlanReport] | None:
+        """The parallel model rebuilt from the cache and its plan report, or None (a cold
+        start follows)."""
+        spec = self.spec
+        t0 = time.perf_counter()
+        entry, where = load(self.folder, self.key())
+        parallel_model = None
+        if entry is not None:
+            try:
+                parallel_model = build_parallel_module(model, entry, spec.mesh)
+            except Exception as e:  # an entry that cannot be rebuilt costs a cold start only
+                where = f"{where} not usable ({type(e).__name__}: {e})"
+        # Every rank must run the graphs of one start: a rank without a usable entry traces
+        # and schedules its collectives anew, so then every rank does.
+        usable = 0.0 if parallel_model is None else 1.0
+        if agree_across_ranks(usable, device=spec.mesh.device_type) < 1.0:
+            log = logger.warning if entry is not None and parallel_model is None else logger.info
+            if parallel_model is not None:
+                where = "another rank has no usable entry"
+            log(f"AutoParallel: graph cache miss ({where}): tracing")
+            return None
+        if spec.mesh.ndim != 1:
+            # AutoParallel's apply creates the flattened mesh's process group, which the
+            # cached collectives may name; new_group is collective, so only once every rank
+            # takes this path.
+            spec.mesh._flatten()
+        times.graph_cache_load = time.perf_counter() - t0
+        logger.info(
+            f"AutoParallel: graph cache hit ({where}): no trace, solve or apply; loaded in "
+            f"{times.graph_cache_load:.1f}s"
+        )
+        return parallel_model, entry.report
 
-    def compile_serializable(jd, **kwargs):
+    def save(
+        self, *, captured: dict, autop, parallel_model: nn.Module, report, times: PhaseTimes
+    ) -> None:
+        """Save the cold start's entry; a failure is a warning (the run trains as well)."""
+        if "compiled" not in captured:
+            return  # serializable_compile could not serialize (it said why)
+        t0 = time.perf_counter()
         try:
-            fn = compile_joint(jd, serializable=True, **kwargs)
-        except Exception as e:
-            raise NotSerializable(
-                f"AOTAutograd could not serialize the graphs ({type(e).__name__}: {e})"
-            ) from e
-        compiled = fn
-        # simple_wraps: the returned function's __wrapped__ is the serializable callable.
-        while not hasattr(compiled, "serialize_compile_artifacts"):
-            compiled = compiled.__wrapped__
-        captured["compiled"] = compiled
-        return fn
-
-    ap_api.aot_compile_joint_with_descriptors = compile_serializable
-    try:
-        yield
-    finally:
-        ap_api.aot_compile_joint_with_descriptors = compile_joint
-
-
-def eager_output_code(runner: torch.fx.GraphModule):
-    """Our eager runner as the OutputCode AOTAutograd's serializer takes: Inductor's
-    RegionalOutputCode, which pickles a GraphModule (with GraphPickler). Its default op
-    filter refuses the _c10d_functional collectives, which our graphs are made of; and
-    no node metadata is kept: the runner's generated code needs none, and some of it
-    (Inductor's bucketing passes leave fake-tensor state there) does not pickle."""
-    from torch._inductor.output_code import RegionalOutputCode
-
-    return RegionalOutputCode(runner, ops_filter=None, node_metadata_key_filter=_no_metadata)
-
-
-# Module level, not a lambda: RegionalOutputCode pickles its filters with the graph.
-def _no_metadata(key: str) -> bool:
-    return False
-
-
-def make_entry(
-    *, key: dict, captured: dict, autop, parallel_model: nn.Module, input_placement, report
-) -> CacheEntry:
-    """The entry of a cold start, from AutoParallel's state after apply_placement;
-    ``input_placement``: the placements (one per mesh axis) the inputs were planned with."""
-    from torch._dynamo.aot_compile_types import BundledAOTAutogradSerializableCallable
-
-    jd = autop.joint_with_descriptors
-
-    def spec(fqn: str, tensor: DTensor) -> TensorSpec:
-        return TensorSpec(fqn, tuple(tensor.shape), tensor.dtype, tuple(tensor.placements),
-                          tensor.requires_grad)  # fmt: skip
-
-    traced = autop._traced_inputs
-    flat_inputs, in_spec = torch.utils._pytree.tree_flatten((tuple(traced.args), traced.kwargs))
-    input_shapes = []
-    for value in flat_inputs:
-        shape = list(value.shape)
-        for axis, placement in enumerate(input_placement):
-            if placement.is_shard():
-                shape[placement.dim] //= autop.mesh.size(axis)
-        input_shapes.append(tuple(shape))
-    return CacheEntry(
-        key=key,
-        compiled=BundledAOTAutogradSerializableCallable.serialize_compile_artifacts(
-            captured["compiled"]
-        ),
-        parameters=[spec(f, parallel_model.get_parameter(f)) for f in jd.params_spec],
-        buffers=[spec(f, parallel_model.get_buffer(f)) for f in jd.buffers_spec],
-        in_spec=in_spec,
-        out_spec=jd.out_spec,
-        input_shapes=input_shapes,
-        report=report,
-    )
-
-
-def build_parallel_module(model: nn.Module, entry: CacheEntry, mesh) -> nn.Module:
-    """The parallel module of a cold start, rebuilt from ``entry``: the same class, FQNs,
-    meta DTensor parameters and buffers with the same placements, and a forward that runs
-    the cached graphs as AutoParallel's forward runs its own. Issues no collective (the
-    caller creates the flattened mesh's group once every rank has a module)."""
-    from autoparallel.module_construction import make_parallel_module
-    from torch._dynamo.aot_compile_types import BundledAOTAutogradSerializableCallable
-    from torch.export._tree_utils import reorder_kwargs
-
-    compiled = BundledAOTAutogradSerializableCallable.deserialize_compile_artifacts(entry.compiled)
-
-    def sharded(spec: TensorSpec) -> DTensor:
-        # As AutoParallel shards a parameter: replicated meta tensor, redistributed.
-        empty = torch.empty(spec.shape, dtype=spec.dtype, device="meta")
-        replicated = DTensor.from_local(empty, mesh, (Replicate(),) * mesh.ndim)
-        return replicated.redistribute(mesh, spec.placements)
-
-    parameters = {s.fqn: nn.Parameter(sharded(s), requires_grad=s.requires_grad)
-                  for s in entry.parameters}  # fmt: skip
-    buffers = {s.fqn: sharded(s) for s in entry.buffers}
-    param_fqns = [s.fqn for s in entry.parameters]
-    buffer_fqns = [s.fqn for s in entry.buffers]
-    in_spec, out_spec, input_shapes = entry.in_spec, entry.out_spec, entry.input_shapes
-
-    def forward(self, *args, **kwargs):
-        if kwargs:
-            kwargs = reorder_kwargs(kwargs, in_spec)
-        inputs = torch.utils._pytree.tree_leaves((args, kwargs))
-        shapes = [tuple(x.shape) for x in inputs]
-        if shapes != input_shapes:
-            raise ValueError(
-                f"the parallel model (from the graph cache) takes inputs of local shapes "
-                f"{input_shapes}, got {shapes}"
+            entry = make_entry(
+                key=self.key(),
+                captured=captured,
+                autop=autop,
+                parallel_model=parallel_model,
+                input_placement=self.spec.input_placement,
+                report=report,
             )
-        # Looked up at each call, as AutoParallel's forward does: the Trainer's to_empty()
-        # and checkpoint loads replace the tensors.
-        flat = [self.get_parameter(f).to_local() for f in param_fqns]
-        flat += [self.get_buffer(f).to_local() for f in buffer_fqns]
-        outputs = compiled(*flat, *inputs)  # the deserialized callable boxes them itself
-        return torch.utils._pytree.tree_unflatten(outputs, out_spec)
-
-    # A copy keeps the original meta model untouched: make_parallel_module copies each
-    # submodule's __dict__ shallowly, so registering names would write into the original.
-    return make_parallel_module(copy.deepcopy(model), parameters, buffers, forward_fn=forward)
+            path = save(self.folder, entry)
+        except Exception as e:  # the run trains as well without a cache entry
+            logger.warning(f"AutoParallel: graph cache not saved ({type(e).__name__}: {e})")
+            return
+        times.graph_cache_save = time.perf_counter() - t0
+        logger.info(
+            f"AutoParallel: graph cache saved to {path} ({os.path.getsize(path) / 2**20:.1f} "
+            f"MiB, {times.graph_cache_save:.1f}s)"
+        )

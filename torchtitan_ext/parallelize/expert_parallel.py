@@ -30,7 +30,6 @@ import operator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DeviceMesh, Partial, Replicate, Shard
 from torch.distributed.tensor.placement_types import Placement
@@ -40,33 +39,16 @@ from torchtitan.models.common.token_dispatcher import (
     AllToAllTokenDispatcher,
     LocalTokenDispatcher,
 )
+from torchtitan.tools.logging import logger
 
 from torchtitan_ext import patches
+from torchtitan_ext.models import Float32GroupedExperts, grouped_experts
 
 # The mesh axes tokens are sharded on (every data-parallel axis; tp replicates them).
 EP_DATA_AXES = ("dp_replicate", "efsdp", "ep")
 # The data axes an expert-weight gradient is a partial sum over: every one but ep, whose
 # ranks exchange tokens so that each expert sees all of its ep group's tokens.
 EXPERT_GRAD_PARTIAL_AXES = ("dp_replicate", "efsdp")
-
-
-def grouped_experts(
-    x_RD: torch.Tensor,
-    num_tokens_per_expert_E: torch.Tensor,
-    w1_EFD: torch.Tensor,
-    w2_EDF: torch.Tensor,
-    w3_EFD: torch.Tensor,
-    *,
-    compute_dtype: torch.dtype | None,
-) -> torch.Tensor:
-    """torchtitan's GroupedExperts computation (SwiGLU over grouped matmuls) on plain
-    tensors; ``compute_dtype`` None computes in the input's dtype, bf16 as torchtitan does."""
-    offsets_E = torch.cumsum(num_tokens_per_expert_E, dim=0, dtype=torch.int32)
-    dtype = compute_dtype or x_RD.dtype
-    x, w1, w2, w3 = (t.to(dtype) for t in (x_RD, w1_EFD, w2_EDF, w3_EFD))
-    h_RF = F.silu(torch._grouped_mm(x, w1.transpose(-2, -1), offs=offsets_E))
-    h_RF = h_RF * torch._grouped_mm(x, w3.transpose(-2, -1), offs=offsets_E)
-    return torch._grouped_mm(h_RF, w2.transpose(-2, -1), offs=offsets_E).type_as(x_RD)
 
 
 class LocalMapTokenDispatcher(AllToAllTokenDispatcher):
@@ -140,7 +122,24 @@ class LocalMapRoutedExperts(RoutedExperts):
     axes: tuple[str, ...]
     compute_dtype: torch.dtype | None
     """The experts' matmul dtype: bf16 as torchtitan's GroupedExperts, None (the input's)
-    for torchtitan_ext.cpu.Float32GroupedExperts."""
+    for torchtitan_ext.models.Float32GroupedExperts."""
+
+    @classmethod
+    def convert(
+        cls,
+        module: RoutedExperts,
+        *,
+        mesh: DeviceMesh,
+        axes: tuple[str, ...],
+        compute_dtype: torch.dtype | None,
+    ) -> None:
+        """Make a built RoutedExperts this class, in place. A class swap, as FSDP2's
+        fully_shard does: the module keeps its parameters, buffers, hooks and names; only
+        forward changes, and the region's mesh and dtype are set here."""
+        module.__class__ = cls
+        module.mesh = mesh
+        module.axes = axes
+        module.compute_dtype = compute_dtype
 
     def forward(
         self,
@@ -198,9 +197,8 @@ class LocalMapRoutedExperts(RoutedExperts):
 def enable_expert_parallel(model: nn.Module, *, mesh: DeviceMesh, axes: tuple[str, ...]) -> int:
     """Make every RoutedExperts of ``model`` a LocalMapRoutedExperts on ``mesh`` (whose
     axes are ``axes``, one named "ep"), in place, before AutoParallel traces the model.
-    Returns the number of MoE layers changed. ValueError for experts we cannot split."""
-    from torchtitan_ext.cpu import Float32GroupedExperts
-
+    Returns the number of MoE layers changed. ValueError for experts we cannot split, and
+    for a model without MoE layers."""
     patches.adapt_local_map_hop()
     assert "ep" in axes, axes
     ep = mesh.size(axes.index("ep"))
@@ -224,34 +222,23 @@ def enable_expert_parallel(model: nn.Module, *, mesh: DeviceMesh, axes: tuple[st
             LocalMapTokenDispatcher.Config(num_experts=old.num_experts, top_k=old.top_k)
         )
         module.token_dispatcher.wire_meshes(ep_mesh=mesh["ep"] if len(axes) > 1 else mesh)
-        # A class swap, as FSDP2's fully_shard does: the module keeps its parameters,
-        # buffers, hooks and names; only forward changes.
-        module.__class__ = LocalMapRoutedExperts
-        module.mesh = mesh
-        module.axes = axes
-        module.compute_dtype = None if type(experts) is Float32GroupedExperts else torch.bfloat16
+        LocalMapRoutedExperts.convert(
+            module,
+            mesh=mesh,
+            axes=axes,
+            compute_dtype=None if type(experts) is Float32GroupedExperts else torch.bfloat16,
+        )
         changed += 1
+    if not changed:
+        raise ValueError(
+            f"--parallelism.expert_parallel_degree {ep}: {type(model).__qualname__} has no MoE "
+            "layer (torchtitan's RoutedExperts)"
+        )
+    logger.info(
+        f"AutoParallel: expert parallelism on {changed} MoE layer(s): experts sharded on "
+        "ep, tokens exchanged with all_to_all in a local_map region"
+    )
     return changed
-
-
-def grouped_mm_inputs_keep_eager_strides() -> None:
-    """Have Inductor hand torch._grouped_mm its inputs in the eager graph's stride order.
-    Idempotent; called before compiling (every plan: only graphs with _grouped_mm change).
-
-    torch 2.14's Inductor lowering of _grouped_mm (tuned_grouped_mm, which picks the ATen
-    kernel on CPU) realizes its inputs asking only for some dim of stride 1, so it may
-    materialize the backward's transposed token matrix as a fresh contiguous (dim, tokens)
-    buffer, whose row stride is the number of tokens this rank received. _grouped_mm needs
-    strides that are multiples of 16 bytes (CPU and CUDA), and that count depends on the
-    routing: compiled EP 2 x efsdp 2 (4 CPU ranks) failed at step 3 with "strides should be
-    multiple of 16 bytes". Eager, the same matrix is a transposed view of the (tokens, dim)
-    buffer, whose strides are fixed by dim. Inductor's FX graph cache key does not hold
-    layout constraints: a graph compiled without this one is served unchanged
-    (tests/test_moe_inductor.py turns the cache off).
-    """
-    from torch._inductor.lowering import add_layout_constraint, constrain_to_fx_strides
-
-    add_layout_constraint(torch.ops.aten._grouped_mm.default, constrain_to_fx_strides)
 
 
 def expert_gradient_placements(

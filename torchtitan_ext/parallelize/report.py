@@ -1,4 +1,5 @@
-"""The plan report: what AutoParallel's solution does on each rank, read from its graphs.
+"""The reports of a start: the plan report (plan.json: what AutoParallel's solution does on
+each rank, read from its graphs) and the start-up report (startup.json: seconds per phase).
 
 Counted from the graphs the parallel module executes each step (AutoParallel's forward and
 backward graphs, after the partitioner placed re-gathers in the backward), not from the
@@ -8,14 +9,22 @@ from graphs and parameters only, so a run that loads a placement file reports th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torchtitan.tools.logging import logger
+
+from torchtitan_ext.aliases import storage_bytes, unique_storage_bytes
+from torchtitan_ext.dump_folder import write_whole
+from torchtitan_ext.parallelize.expert_parallel import expert_gradient_reductions
+from torchtitan_ext.ranks import is_rank0
 
 # Op name -> kind, for the _c10d_functional ops and Inductor's bucketed versions of them.
 _COLLECTIVES = {
@@ -64,7 +73,7 @@ class PlanReport:
     """MoE models: (experts each rank holds, experts per layer)."""
     expert_gradients: dict[str, str] = field(default_factory=dict)
     """Expert parallelism: expert parameter FQN -> how its gradient is reduced, e.g.
-    "reduce_scatter over efsdp" (torchtitan_ext.moe.expert_gradient_reductions)."""
+    "reduce_scatter over efsdp" (expert_parallel.expert_gradient_reductions)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -192,9 +201,7 @@ def build_report(
     graphs AutoParallel built and the ones each step runs (``planned`` and ``executed``,
     this rank's shapes, keyed "forward" and "backward") and the parameters.
     ``expert_gradients``: expert parameter FQN -> the gradient placements its expert region
-    declares (torchtitan_ext.moe.expert_gradient_placements)."""
-    from torchtitan_ext.moe import expert_gradient_reductions
-
+    declares (expert_parallel.expert_gradient_placements)."""
     forward_graph = planned["forward"]
     report = PlanReport(mesh=dict(zip(mesh_axes, mesh_shape, strict=True)))
     report.planned = collectives([planned["forward"], planned["backward"]])
@@ -232,3 +239,80 @@ def build_report(
         shares = [lr / gr for (lr, _), (gr, _) in zip(local_mm, global_mm, strict=True)]
         report.matmul_batch_share = (min(shares), max(shares))
     return report
+
+
+@dataclass(slots=True)
+class PhaseTimes:
+    """Seconds spent in each start-up phase of one parallelization."""
+
+    alias_capture: float = 0.0
+    trace: float = 0.0
+    solve: float = 0.0
+    apply: float = 0.0
+    alias_restore: float = 0.0
+    alias_verify: float = 0.0
+    init: float = 0.0
+    graph_cache_load: float = 0.0
+    """A warm start: reading the graph cache and rebuilding the module (trace, solve and
+    apply are then 0)."""
+    graph_cache_save: float = 0.0
+    compile: float = 0.0
+    """--compile.enable: Inductor compiling the forward and backward (during apply; not
+    counted in apply)."""
+
+
+class PlanReporter:
+    """Logs one start's plan report and writes it (rank 0) to <dump>/plan.json; once
+    Inductor compiled both training graphs, completes it with their bucketed collectives."""
+
+    def __init__(self, dump: str):
+        self.dump = dump
+        self.report: PlanReport | None = None
+        self._compiled: tuple[list[torch.fx.GraphModule], float] | None = None
+        """Inductor's scheduled graphs and seconds, until the report is published."""
+
+    def publish(self, report: PlanReport, *, source: str) -> None:
+        self.report = report
+        logger.info(f"AutoParallel: {source}. Plan:\n  " + "\n  ".join(report.lines()))
+        self._write()
+        if self._compiled is not None:
+            graphs, compile_s = self._compiled
+            self.compiled(graphs, compile_s=compile_s)
+
+    def compiled(self, graphs: list[torch.fx.GraphModule], *, compile_s: float) -> None:
+        """Inductor's forward and backward after bucketing (in place), and its seconds."""
+        if self.report is None:
+            self._compiled = (graphs, compile_s)
+            return
+        self._compiled = None
+        if self.report.compiled:
+            return
+        self.report.collectives = collectives(graphs)
+        self.report.compiled = self.report.bucketed = True
+        logger.info(
+            f"AutoParallel: compiled plan (Inductor took {compile_s:.1f}s):\n  "
+            + "\n  ".join(self.report.lines())
+        )
+        self._write()
+
+    def _write(self) -> None:
+        if is_rank0():
+            os.makedirs(self.dump, exist_ok=True)
+            write_whole(os.path.join(self.dump, "plan.json"), self.report.to_json())
+
+
+def write_startup(dump: str, times: PhaseTimes, module: nn.Module) -> None:
+    """startup.json (rank 0): the seconds of each phase and the parallel model's storage.
+    Each alias name shares its group's storage: all names cost what the deduplicated objects
+    cost (alias_extra_bytes 0)."""
+    if not is_rank0():
+        return
+    everything = unique_storage_bytes(module)
+    objects = storage_bytes([*module.parameters(), *module.buffers()])
+    startup = {
+        "seconds": dataclasses.asdict(times),
+        "unique_storage_bytes": everything,
+        "alias_extra_bytes": everything - objects,
+    }
+    os.makedirs(dump, exist_ok=True)
+    write_whole(os.path.join(dump, "startup.json"), json.dumps(startup, indent=2))
