@@ -14,7 +14,8 @@ import pytest
 from torchtitan.config import ConfigManager
 
 from tests.support.training import REPO_ROOT
-from torchtitan_ext.auto_parallel import AUTOPARALLEL_COMMIT, AliasAwareAutoParallel, plan_model
+from torchtitan_ext.parallelize import AliasAwareAutoParallel, plan_model
+from torchtitan_ext.parallelize.spec import AUTOPARALLEL_COMMIT
 
 CONFIG = "llama3_debugmodel_autoparallel"
 
@@ -186,7 +187,7 @@ def test_expert_parallel_regions_keep_parameters_buffers_and_names(two_fake_rank
     import torch
     from torch.distributed.device_mesh import init_device_mesh
 
-    from torchtitan_ext.moe import (
+    from torchtitan_ext.parallelize.expert_parallel import (
         LocalMapRoutedExperts,
         LocalMapTokenDispatcher,
         enable_expert_parallel,
@@ -232,7 +233,7 @@ def test_expert_parallel_configs_parse_on_a_gpu_host(monkeypatch):
 def test_expert_parallel_plans_on_torchtitans_sparse_mesh():
     from torchtitan.distributed import ParallelDims
 
-    from torchtitan_ext.auto_parallel import check_parallel_dims, mesh_axes
+    from torchtitan_ext.parallelize.spec import check_parallel_dims, mesh_axes
 
     def axes(world: int, *flags: str) -> dict[str, int]:
         dims = ParallelDims.from_config(parse(*flags, config=MOE).parallelism, world)
@@ -375,7 +376,7 @@ def test_matmul_sizes_of_a_dynamic_trace_count_by_their_example_values():
     from torch._dynamo.source import ConstantSource
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    from torchtitan_ext.plan import PlanReport, _size_hint
+    from torchtitan_ext.parallelize.report import PlanReport, _size_hint
 
     env = ShapeEnv()
     backed = env.create_symintnode(env.create_symbol(8, source=ConstantSource("batch")), hint=8)

@@ -14,7 +14,7 @@ from torch.distributed.tensor import Shard, distribute_tensor
 from torchtitan.models.common.attention import FlexAttention, ScaledDotProductAttention
 from torchtitan.models.llama3.config_registry import llama3_debugmodel
 
-from torchtitan_ext import cpu
+from torchtitan_ext import cpu, models, patches
 
 pytestmark = pytest.mark.skipif(
     torch.accelerator.is_available(), reason="CPU support is inactive with an accelerator"
@@ -78,7 +78,7 @@ def test_install_runtime_rebinds_every_torchtitan_device_global():
     ]
     assert not leftovers
     assert metrics.build_device_memory_monitor is cpu._build_cpu_memory_monitor
-    assert dist_utils.set_pg_timeouts is cpu._set_pg_timeouts_cpu
+    assert dist_utils.set_pg_timeouts is patches._set_pg_timeouts_cpu
 
 
 def test_memory_monitor_reports_peak_rss():
@@ -93,21 +93,21 @@ def test_memory_monitor_reports_peak_rss():
         assert monitor.get_peak_stats().max_reserved_gib < after - 0.2
 
 
-@pytest.mark.engine  # install_autoparallel_runtime imports AutoParallel
+@pytest.mark.engine  # install_runtime imports AutoParallel
 def test_expand_of_a_sharded_singleton_dim_on_one_rank(one_rank_group):
     """Gap 2: DTensor's view rewrite raised KeyError for aten.expand on a 1-rank mesh."""
-    cpu.install_autoparallel_runtime()
+    cpu.install_runtime()
     mesh = init_device_mesh("cpu", (1,))
     x = distribute_tensor(torch.randn(4, 1, 8), mesh, [Shard(1)])
     y = x.expand(4, 3, 8)
     torch.testing.assert_close(y.full_tensor(), x.full_tensor().expand(4, 3, 8))
 
 
-@pytest.mark.engine  # install_autoparallel_runtime imports AutoParallel
+@pytest.mark.engine  # install_runtime imports AutoParallel
 def test_strict_view_of_a_dim_sharded_on_one_rank_falls_back(one_rank_group):
     """Gap 2b: aten.view merging a dim sharded on a 1-rank mesh raised instead of falling
     back to replicate (the solver's enumeration stopped on DeepSeek-V3's attention)."""
-    cpu.install_autoparallel_runtime()
+    cpu.install_runtime()
     mesh = init_device_mesh("cpu", (1,))
     # A size-1 dim removed by a view: "would remove or reshape sharded dimension 1" before.
     x = distribute_tensor(torch.randn(4, 1, 8), mesh, [Shard(1)])
@@ -126,11 +126,11 @@ def test_moe_experts_compute_in_float32():
     cpu.adapt_config(config)
     cpu.adapt_config(config)  # idempotent
     experts = [c for *_, c in _configs(config.model_spec.model, GroupedExperts.Config)]
-    assert experts and all(type(c) is cpu.Float32GroupedExperts.Config for c in experts)
+    assert experts and all(type(c) is models.Float32GroupedExperts.Config for c in experts)
 
     torch.manual_seed(0)
-    module = cpu.Float32GroupedExperts(
-        cpu.Float32GroupedExperts.Config(dim=8, hidden_dim=16, num_experts=3)
+    module = models.Float32GroupedExperts(
+        models.Float32GroupedExperts.Config(dim=8, hidden_dim=16, num_experts=3)
     )
     stock = GroupedExperts(GroupedExperts.Config(dim=8, hidden_dim=16, num_experts=3))
     assert [n for n, _ in module.named_parameters()] == [n for n, _ in stock.named_parameters()]
@@ -154,29 +154,29 @@ def _configs(model_config, config_type):
         yield parent, attr, (parent[attr] if isinstance(parent, list) else getattr(parent, attr))
 
 
-@pytest.mark.engine  # install_autoparallel_runtime imports AutoParallel
+@pytest.mark.engine  # install_runtime imports AutoParallel
 def test_cpu_flash_attention_strategies_registered():
     from torch.distributed.tensor import DTensor
 
-    cpu.install_autoparallel_runtime()
+    cpu.install_runtime()
     strategies = DTensor._op_dispatcher.sharding_propagator.op_single_dim_strategy_funcs
     aten = torch.ops.aten
     assert aten._scaled_dot_product_flash_attention_for_cpu.default in strategies
     assert aten._scaled_dot_product_flash_attention_for_cpu_backward.default in strategies
 
 
-@pytest.mark.engine  # install_autoparallel_runtime imports AutoParallel
+@pytest.mark.engine  # install_runtime imports AutoParallel
 def test_cost_model_device_limits_on_cpu():
     from autoparallel.cost_models import compute_estimation
 
-    cpu.install_autoparallel_runtime()
+    cpu.install_runtime()
     assert compute_estimation._get_device_limit().name == "H100"
     assert compute_estimation._get_device_tflops(torch.float32) > 0
 
 
 _TEARDOWN_SCRIPT = """
 import atexit, sys, types
-from torchtitan_ext import cpu
+from torchtitan_ext import cpu, models, patches
 atexit.register(print, "interpreter finalization ran")  # atexit runs last-registered first
 if sys.argv[1] != "not-an-entry-point":
     sys.modules["__main__"].__spec__ = types.SimpleNamespace(name="torchtitan.train")

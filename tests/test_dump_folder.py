@@ -55,20 +55,15 @@ def _fail_writes_to(monkeypatch, folder, name: str) -> None:
 
 
 @pytest.fixture
-def component(tmp_path, monkeypatch):
-    """The component after a solve on rank 0 (no process group), dumping its placements,
-    AutoParallel's save_placements run on a solution of no nodes."""
+def dump(tmp_path, monkeypatch):
+    """<tmp>/autoparallel, the component's dump folder, written on rank 0 (no process
+    group); AutoParallel's save_placements run on a solution of no nodes."""
     import autoparallel.serialization
 
-    from torchtitan_ext.auto_parallel import AliasAwareAutoParallel
-
-    ap = AliasAwareAutoParallel(
-        AliasAwareAutoParallel.Config(dump_placements=True, alias_check="off")
-    )
-    ap._dump = str(tmp_path / "autoparallel")
-    os.makedirs(ap._dump)
+    dump = str(tmp_path / "autoparallel")
+    os.makedirs(dump)
     monkeypatch.setattr(autoparallel.serialization, "load_placements", lambda *_: "loaded")
-    return ap
+    return dump
 
 
 def _autop():
@@ -80,21 +75,23 @@ def _autop():
     return SimpleNamespace(optimize_placement=lambda: "solved", sharding_optimizer=optimizer)
 
 
-def _solve(ap, placement_file: str = ""):
-    return ap._solve_or_load(_autop(), SimpleNamespace(placement_path=placement_file, key=KEY))
+def _solve(dump, placement_file: str = ""):
+    from torchtitan_ext.parallelize.placements import solve_or_load
+
+    return solve_or_load(_autop(), path=placement_file, key=KEY, dump=dump, dump_placements=True)
 
 
-def _init_weights(ap):
-    module = nn.Linear(2, 2)
-    module.init_weights = lambda: None
-    ap.alias_map = SimpleNamespace()  # alias_check off: not used
-    ap._wrap_init(module)
-    module.init_weights()
+def _init_weights(dump):
+    from torchtitan_ext.parallelize.report import PhaseTimes, write_startup
+
+    write_startup(dump, PhaseTimes(), nn.Linear(2, 2))
 
 
-def _write_plan(ap):
-    ap.report = SimpleNamespace(to_json=lambda: json.dumps({"plan": "new"}))
-    ap._write_report(ap._dump)
+def _write_plan(dump):
+    from torchtitan_ext.parallelize.report import PlanReporter
+
+    report = SimpleNamespace(to_json=lambda: json.dumps({"plan": "new"}), lines=lambda: [])
+    PlanReporter(dump).publish(report, source="a test")
 
 
 def _placement_file(tmp_path) -> str:
@@ -107,28 +104,28 @@ def _placement_file(tmp_path) -> str:
 WRITES = {
     # Written only when missing (else it is loaded): no file before, none after.
     "placement file": (
-        "", "placements.json", lambda ap, tmp: _solve(ap, str(tmp / "placements.json")),
+        "", "placements.json", lambda dump, tmp: _solve(dump, str(tmp / "placements.json")),
     ),
-    "dumped placements": ("autoparallel", "placements.json", lambda ap, tmp: _solve(ap)),
+    "dumped placements": ("autoparallel", "placements.json", lambda dump, tmp: _solve(dump)),
     "dumped placements, loaded": (
-        "autoparallel", "placements.json", lambda ap, tmp: _solve(ap, _placement_file(tmp)),
+        "autoparallel", "placements.json", lambda dump, tmp: _solve(dump, _placement_file(tmp)),
     ),
-    "solution.txt": ("autoparallel", "solution.txt", lambda ap, tmp: _solve(ap)),
-    "plan.json": ("autoparallel", "plan.json", lambda ap, tmp: _write_plan(ap)),
-    "startup.json": ("autoparallel", "startup.json", lambda ap, tmp: _init_weights(ap)),
+    "solution.txt": ("autoparallel", "solution.txt", lambda dump, tmp: _solve(dump)),
+    "plan.json": ("autoparallel", "plan.json", lambda dump, tmp: _write_plan(dump)),
+    "startup.json": ("autoparallel", "startup.json", lambda dump, tmp: _init_weights(dump)),
 }  # fmt: skip
 
 
 @pytest.mark.engine
 @pytest.mark.parametrize("case", list(WRITES))
-def test_a_write_that_fails_midway_leaves_the_previous_file(case, component, tmp_path, monkeypatch):
+def test_a_write_that_fails_midway_leaves_the_previous_file(case, dump, tmp_path, monkeypatch):
     folder_name, name, write = WRITES[case]
     folder = tmp_path / folder_name
     target = folder / name
     before = case != "placement file"
     if before:
         target.write_text(OLD)
-    write(component, tmp_path)  # once as it works: the files it writes besides the target
+    write(dump, tmp_path)  # once as it works: the files it writes besides the target
     if before:
         target.write_text(OLD)
     else:
@@ -136,7 +133,7 @@ def test_a_write_that_fails_midway_leaves_the_previous_file(case, component, tmp
     files = sorted(os.listdir(folder))
     _fail_writes_to(monkeypatch, folder, name)
     with pytest.raises(OSError, match="injected"):
-        write(component, tmp_path)
+        write(dump, tmp_path)
     assert sorted(os.listdir(folder)) == files  # no partial file, no temporary one
     if before:
         assert target.read_text() == OLD

@@ -1,13 +1,16 @@
-"""The expert-gradient check and report of torchtitan_ext.moe on given placements (no
-engine): which data axes an expert gradient must be summed over, and how the plan sums it.
-The engine runs that plan them are in tests/test_moe.py."""
+"""The expert-gradient check and report of torchtitan_ext.parallelize.expert_parallel on
+given placements (no engine): which data axes an expert gradient must be summed over, and
+how the plan sums it. The engine runs that plan them are in tests/test_moe.py."""
 
 from __future__ import annotations
 
 import pytest
 from torch.distributed.tensor import Partial, Replicate, Shard
 
-from torchtitan_ext.moe import check_expert_gradients, expert_gradient_reductions
+from torchtitan_ext.parallelize.expert_parallel import (
+    check_expert_gradients,
+    expert_gradient_reductions,
+)
 
 W1 = "layers.1.moe.routed_experts.inner_experts.w1_EFD"
 W2 = "layers.1.moe.routed_experts.inner_experts.w2_EDF"

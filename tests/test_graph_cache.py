@@ -19,8 +19,10 @@ import torch
 from torchtitan.config import ConfigManager
 
 from tests.support.training import REPO_ROOT
-from torchtitan_ext import graph_cache
-from torchtitan_ext.auto_parallel import check_placement_file, plan_key_of, plan_model
+from torchtitan_ext.parallelize import graph_cache, graph_cache_entry, plan_model
+from torchtitan_ext.parallelize import spec as plan_spec
+from torchtitan_ext.parallelize.placements import check_placement_file
+from torchtitan_ext.parallelize.spec import PlanSpec, plan_key_of
 
 CONFIG = "llama3_debugmodel_autoparallel"
 
@@ -44,25 +46,30 @@ def start_key(*args: str, edit=None, world_size: int = 2) -> dict:
     config.model_spec.model.update_from_config(config=config)
     with torch.device("meta"):
         model = config.model_spec.model.build()
-    component = config.autoparallel.build()
     dims = ParallelDims.from_config(config.parallelism, world_size)
-    spec = component._plan_spec(model, dims, config.training, config.parallelism, "/tmp/dump")
-    cache_dir, key = component._graph_cache_key(
-        spec,
-        "/tmp/dump",
-        usable=True,
-        compile_model=config.compile.enable and "model" in config.compile.components,
-        ac=config.activation_checkpoint is not None,
+    spec = PlanSpec.build(
+        model,
+        config=config.autoparallel,
+        parallel_dims=dims,
+        training=config.training,
+        parallelism=config.parallelism,
+        compile_config=config.compile,
+        ac_config=config.activation_checkpoint,
+        dump_folder="/tmp/dump",
     )
-    assert cache_dir == "/tmp/dump/graph_cache"
+    cache = graph_cache.GraphCache.for_start(
+        config=config.autoparallel, spec=spec, dump_folder="/tmp/dump"
+    )
+    assert cache.folder == "/tmp/dump/graph_cache"
+    key = cache.key()
     return key
 
 
 KEY = {"format": "test", "model": "tiny", "autoparallel": "installed", "rank": 0}
 
 
-def tiny_entry(key: dict, report=None) -> graph_cache.CacheEntry:
-    return graph_cache.CacheEntry(
+def tiny_entry(key: dict, report=None) -> graph_cache_entry.CacheEntry:
+    return graph_cache_entry.CacheEntry(
         key=key, compiled=b"graphs", parameters=[], buffers=[], in_spec=None, out_spec=None,
         input_shapes=[(2, 8)], report=report,
     )  # fmt: skip
@@ -192,7 +199,7 @@ def test_a_planted_entry_is_never_unpickled(case, tmp_path, monkeypatch, caplog)
 def test_autoparallel_version_is_a_digest_of_the_installed_source(tmp_path, monkeypatch):
     """Not the pinned commit: what is installed (every .py file under the package), read
     once per process."""
-    version = graph_cache.autoparallel_version
+    version = plan_spec.autoparallel_version
     package = tmp_path / "site" / "autoparallel"
     (package / "graph_passes").mkdir(parents=True)
     (package / "__init__.py").write_text("")
@@ -230,7 +237,7 @@ def test_another_autoparallel_misses_the_cache_and_the_placement_file(tmp_path, 
 
     cache = str(tmp_path / "graph_cache")
     placements = tmp_path / "placements.json"
-    monkeypatch.setattr(graph_cache, "autoparallel_version", lambda: "installed", raising=False)
+    monkeypatch.setattr(plan_spec, "autoparallel_version", lambda: "installed")
     plan_key, cache_key = keys()
     entry = tiny_entry(cache_key)
     graph_cache.save(cache, entry)
@@ -239,7 +246,7 @@ def test_another_autoparallel_misses_the_cache_and_the_placement_file(tmp_path, 
     assert graph_cache.load(cache, cache_key)[0] == entry
     check_placement_file(str(placements), plan_key)
 
-    monkeypatch.setattr(graph_cache, "autoparallel_version", lambda: "another", raising=False)
+    monkeypatch.setattr(plan_spec, "autoparallel_version", lambda: "another")
     plan_key, cache_key = keys()
     assert graph_cache.load(cache, cache_key)[0] is None
     with pytest.raises(ValueError, match="solved for autoparallel installed; this run has autop"):
@@ -275,8 +282,8 @@ def test_every_input_of_the_graphs_changes_the_key(two_fake_ranks, monkeypatch, 
     monkeypatch.setattr(graph_cache, "_package_source_digest", lambda: "edited")
     assert start_key()["torchtitan_ext"] != base["torchtitan_ext"]
     monkeypatch.undo()
-    assert base["autoparallel"] == graph_cache.autoparallel_version()  # the installed one
-    monkeypatch.setattr(graph_cache, "autoparallel_version", lambda: "edited")
+    assert base["autoparallel"] == plan_spec.autoparallel_version()  # the installed one
+    monkeypatch.setattr(plan_spec, "autoparallel_version", lambda: "edited")
     assert start_key()["autoparallel"] != base["autoparallel"]
     monkeypatch.undo()
     # A placement file: its contents, so an edited file misses.
@@ -382,7 +389,7 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
 dist.init_process_group("gloo", rank=0, world_size=1)
 import config_registry
 from torchtitan.config import ConfigManager
-from torchtitan_ext.auto_parallel import plan_model
+from torchtitan_ext.parallelize import plan_model
 results = []
 for start in ("cold", "warm"):
     config = ConfigManager().parse_args(

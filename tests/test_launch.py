@@ -15,7 +15,7 @@ from torchtitan.distributed import ParallelDims
 
 from tests.support.training import REPO_ROOT
 from torchtitan_ext import launch
-from torchtitan_ext.auto_parallel import AUTOPARALLEL_COMMIT, plan_key_of
+from torchtitan_ext.parallelize.spec import AUTOPARALLEL_COMMIT, plan_key_of
 
 
 def test_our_configs_resolve_to_the_root_registry():

@@ -210,7 +210,7 @@ def test_the_plan_report_names_the_collectives_that_run(trained, request, record
 
 # --- Expert parallelism inside data parallelism: EP 2 x efsdp 2 on 4 gloo ranks ---
 # Two ep groups of 2 ranks each hold every expert and see different tokens, so each expert
-# gradient is a partial sum over efsdp that the plan must reduce (torchtitan_ext.moe).
+# gradient is a partial sum over efsdp that the plan must reduce (parallelize/expert_parallel.py).
 # torchtitan's own EP fails on 4 gloo ranks ("ProcessGroupGloo::alltoall: invalid tensor
 # size"): the reference is 1-rank eager, from the same seed checkpoint and global batches.
 EFSDP = ("--training.local_batch_size", "2")  # 4 ranks x 2 rows: eager's global batch of 8

@@ -1,5 +1,5 @@
 """Inductor and torch._grouped_mm: the layout constraint of
-``torchtitan_ext.moe.grouped_mm_inputs_keep_eager_strides``."""
+``torchtitan_ext.patches.grouped_mm_inputs_keep_eager_strides``."""
 
 from __future__ import annotations
 
@@ -17,10 +17,9 @@ import pytest
 # without it, then one with it, Inductor's caches off (their key does not hold it).
 _SCRIPT = """
 import torch
-from torchtitan_ext.cpu import _allow_float32_grouped_mm_in_tracing
-from torchtitan_ext.moe import grouped_mm_inputs_keep_eager_strides
+from torchtitan_ext.patches import float32_grouped_mm_meta, grouped_mm_inputs_keep_eager_strides
 
-_allow_float32_grouped_mm_in_tracing()
+float32_grouped_mm_meta()
 torch._dynamo.config.capture_scalar_outputs = True
 
 

@@ -17,7 +17,7 @@ import yaml
 from tests.support.integration import run_tests
 from tests.support.integration.runs import RUNS
 from tests.support.training import REPO_ROOT
-from torchtitan_ext.auto_parallel import AUTOPARALLEL_COMMIT
+from torchtitan_ext.parallelize.spec import AUTOPARALLEL_COMMIT
 
 WORKFLOWS = REPO_ROOT / ".github" / "workflows"
 GPU_WORKFLOW = WORKFLOWS / "gpu_integration.yml"

@@ -234,13 +234,11 @@ def autoparallel(
     from autoparallel.api import AutoParallel
     from autoparallel.input_validation import _build_input_fn_from_sample
 
-    from torchtitan_ext.auto_parallel import (
-        constrain_alias_placements,
-        reset_autoparallel_caches,
-    )
-    from torchtitan_ext.cpu import install_autoparallel_runtime
+    from torchtitan_ext import cpu
+    from torchtitan_ext.parallelize.constraints import constrain_alias_placements
+    from torchtitan_ext.patches import reset_autoparallel_caches
 
-    install_autoparallel_runtime()
+    cpu.install_runtime()
     reset_autoparallel_caches()
     alias_map = AliasMap.capture(model)  # before tracing: refuses what tracing would crash on
     batch_sharded = (Shard(0),) + (Replicate(),) * (mesh.ndim - 1)

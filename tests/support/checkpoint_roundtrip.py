@@ -198,7 +198,7 @@ def _eager_load(workdir: Path, spec: tuple[str, int, list[str]]) -> dict:
 
 def _build_autoparallel(config, world_size: int, dump_folder: Path):
     """The parallel model as our Trainer builds it (plan_model), with its component."""
-    from torchtitan_ext.auto_parallel import plan_model
+    from torchtitan_ext.parallelize import plan_model
 
     _, parallel, component = plan_model(config, world_size=world_size, dump_folder=str(dump_folder))
     return parallel, component

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from torchtitan.config import ConfigManager
 
-from torchtitan_ext.auto_parallel import plan_model
+from torchtitan_ext.parallelize import plan_model
 
 
 def main() -> None:

@@ -115,11 +115,11 @@ _PATCHES = {}
 if _KILL_AT:
     _PATCHES["torch.distributed.checkpoint.filesystem"] = _kill_during_save
 if _FAULT in ("grad_scale_2x", "drop_alias"):
-    _PATCHES["torchtitan_ext.auto_parallel"] = _faulty_autoparallel
+    _PATCHES["torchtitan_ext.parallelize.component"] = _faulty_autoparallel
 if _FAULT.startswith("drop_expert_grad_reduction"):
-    _PATCHES["torchtitan_ext.moe"] = _expert_grads_declared_complete
+    _PATCHES["torchtitan_ext.parallelize.expert_parallel"] = _expert_grads_declared_complete
 if _FAULT == "drop_expert_grad_reduction_unchecked":
-    _PATCHES["torchtitan_ext.auto_parallel"] = _no_expert_gradient_check
+    _PATCHES["torchtitan_ext.parallelize.component"] = _no_expert_gradient_check
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):

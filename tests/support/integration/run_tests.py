@@ -63,7 +63,7 @@ class RunOutcome:
 @functools.cache
 def engine_missing_reason() -> str | None:
     """Why AutoParallel runs cannot run here, or None when Meta's AutoParallel imports."""
-    from torchtitan_ext.auto_parallel import require_autoparallel
+    from torchtitan_ext.parallelize.spec import require_autoparallel
 
     try:
         require_autoparallel()
