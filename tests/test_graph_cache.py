@@ -241,16 +241,17 @@ def test_another_autoparallel_misses_the_cache_and_the_placement_file(tmp_path, 
     plan_key, cache_key = keys()
     entry = tiny_entry(cache_key)
     graph_cache.save(cache, entry)
-    placements.write_text(json.dumps({"torchtitan_ext_plan_key": plan_key}))
+    body = {"placements": {}, "torchtitan_ext_parameters": {}}  # no parameter to check
+    placements.write_text(json.dumps({"torchtitan_ext_plan_key": plan_key, **body}))
     plan_key, cache_key = keys()  # the same AutoParallel: both are used
     assert graph_cache.load(cache, cache_key)[0] == entry
-    check_placement_file(str(placements), plan_key)
+    check_placement_file(str(placements), plan_key, parameters={})
 
     monkeypatch.setattr(plan_spec, "autoparallel_version", lambda: "another")
     plan_key, cache_key = keys()
     assert graph_cache.load(cache, cache_key)[0] is None
     with pytest.raises(ValueError, match="solved for autoparallel installed; this run has autop"):
-        check_placement_file(str(placements), plan_key)
+        check_placement_file(str(placements), plan_key, parameters={})
 
 
 @pytest.mark.engine

@@ -320,18 +320,91 @@ def test_placement_file_not_json_is_refused_by_the_launcher(tmp_path, monkeypatc
     )  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def solved_placement_file(tmp_path_factory):
+    """A placement file as the ranks write it: the component's solve for run_train.sh's
+    default run (NGPU=2, the debug config), planned on 2 fake ranks in another process."""
+    plan_file = tmp_path_factory.mktemp("solved") / "placements.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.support.plan_probe", "--world", "2",
+         "--autoparallel.placement_file", str(plan_file)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0 and plan_file.exists(), (proc.stdout + proc.stderr)[-3000:]
+    return json.loads(plan_file.read_text())
+
+
+def _edited(solved: dict, edit) -> dict:
+    """A copy of the solved file, ``edit(copy, first parameter node)`` applied."""
+    copy = json.loads(json.dumps(solved))
+    edit(copy, next(iter(copy["torchtitan_ext_parameters"])))
+    return copy
+
+
+EDITED_BODIES = {
+    "shard beyond the rank": (
+        lambda f, node: f["placements"][node].update(output="S(7)"),
+        "'S(7)' shards a dim a 2-dim tensor lacks",
+    ),
+    "placement for another mesh": (
+        lambda f, node: f["placements"][node].update(output="S(0)R"),
+        "'S(0)R' is not 1 placement(s)",
+    ),
+    "parameter the model lacks": (
+        lambda f, node: f["torchtitan_ext_parameters"][node].update(fqn="layers.9.w.weight"),
+        "layers.9.w.weight is not a parameter of this model",
+    ),
+    "parameter of another rank": (
+        lambda f, node: f["torchtitan_ext_parameters"][node].update(rank=3),
+        "has 2 dims, not 3",
+    ),
+}
+
+
 @pytest.mark.engine
-def test_placement_file_of_this_plan_passes_the_check(plan_keys, tmp_path):
-    """The key the launcher computes is the one the ranks write (same function, same
-    config): a file with it is not refused."""
-    plan_file = tmp_path / "placements.json"
-    plan_file.write_text(json.dumps({"torchtitan_ext_plan_key": plan_keys["this run"]}))
+def test_placement_file_the_ranks_wrote_passes_the_launchers_check(solved_placement_file, tmp_path):
+    """The key and body the component wrote on the ranks are what the launcher computes
+    from the parsed config (two code paths; the file is not made by the check's own key)."""
+    assert solved_placement_file["torchtitan_ext_parameters"]
+    (tmp_path / "placements.json").write_text(json.dumps(solved_placement_file))
     config = launch.parse_config(
         "config_registry",
         "llama3_debugmodel_autoparallel",
         [f"--dump_folder={tmp_path}", "--autoparallel.placement_file", "placements.json"],
     )
     launch.check(config, world_size=2)
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("case", list(EDITED_BODIES))
+def test_placement_file_with_an_edited_body_is_refused_by_the_launcher(
+    case, solved_placement_file, tmp_path, monkeypatch, capsys
+):
+    """The key is this run's; the body places a parameter as the model cannot have it."""
+    edit, expected = EDITED_BODIES[case]
+    plan_file = tmp_path / "placements.json"
+    plan_file.write_text(json.dumps(_edited(solved_placement_file, edit)))
+    _assert_refused_in_process(
+        monkeypatch, capsys,
+        env={"NGPU": "2", "LOG_RANK": "0", "COMM_MODE": ""},
+        args=(f"--dump_folder={tmp_path}", "--autoparallel.placement_file", "placements.json"),
+        expected=(f"placement file {plan_file} does not fit this model", expected,
+                  "delete it to solve again"),
+        lines=1,
+    )  # fmt: skip
+
+
+@pytest.mark.slow  # a launcher process
+@pytest.mark.engine
+def test_placement_file_with_an_edited_body_fails_before_any_rank_starts(
+    solved_placement_file, tmp_path
+):
+    edit, expected = EDITED_BODIES["shard beyond the rank"]
+    (tmp_path / "placements.json").write_text(json.dumps(_edited(solved_placement_file, edit)))
+    proc = run_train_sh(
+        f"--dump_folder={tmp_path}", "--autoparallel.placement_file", "placements.json"
+    )
+    assert_refused_before_launch(proc, "does not fit this model", expected, "delete it", lines=1)
 
 
 # --- one run per dump folder ---

@@ -37,7 +37,7 @@ from torchtitan_ext.parallelize.report import (
     build_report,
     write_startup,
 )
-from torchtitan_ext.parallelize.spec import PlanSpec, require_autoparallel
+from torchtitan_ext.parallelize.spec import PlanSpec, parameter_ranks, require_autoparallel
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +273,7 @@ class AliasAwareAutoParallel(Configurable):
                 autop,
                 path=spec.placement_path,
                 key=spec.key,
+                parameters=parameter_ranks(model),
                 dump=spec.dump,
                 dump_placements=config.dump_placements,
             )

@@ -1,12 +1,19 @@
 """The solve, or a placement file instead of it: AutoParallel's placements saved with the
-plan key they were solved for (plan_key), checked before they are used; and the placement
-dumps (--autoparallel.dump_placements).
+plan key they were solved for (plan_key) and the parameters they place, checked before they
+are used; and the placement dumps (--autoparallel.dump_placements).
+
+A placement file is AutoParallel's (graph node name -> output and input placements, e.g.
+"S(0)R" on a 2-D mesh) with two fields of ours: the plan key, and each parameter node's FQN
+and rank (number of dims). AutoParallel's load_placements ignores them. The check compares
+the key, then each parameter's name and rank with the model's, and each parameter's placement
+with its rank: an edited body is refused before any rank starts, not by a traceback on each.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 from torchtitan.tools.logging import logger
@@ -15,19 +22,24 @@ from torchtitan_ext.dump_folder import write_whole, written_whole
 from torchtitan_ext.ranks import is_rank0
 
 _PLAN_KEY_FIELD = "torchtitan_ext_plan_key"
+_PARAMETERS_FIELD = "torchtitan_ext_parameters"
+# One placement per mesh axis in AutoParallel's strings: Shard(dim), Replicate, Partial.
+_PLACEMENT = re.compile(r"S\((\d+)\)|R|P(\([a-z_]*\))?")
 
 
-def solve_or_load(autop, *, path: str, key: dict, dump: str, dump_placements: bool):
-    """Solve, or load the placement file ``path`` (after checking it was solved for ``key``);
-    save the solution to ``path`` and, with ``dump_placements``, to ``dump``. Returns the
-    placement AutoParallel's apply takes."""
+def solve_or_load(
+    autop, *, path: str, key: dict, parameters: dict[str, int], dump: str, dump_placements: bool
+):
+    """Solve, or load the placement file ``path`` (after checking it against ``key`` and
+    ``parameters``, FQN -> rank); save the solution to ``path`` and, with
+    ``dump_placements``, to ``dump``. Returns the placement AutoParallel's apply takes."""
     from autoparallel.serialization import load_placements, save_placements
 
     solved = not (path and os.path.exists(path))
     if solved:
         placement = autop.optimize_placement()
     else:
-        check_placement_file(path, key)
+        check_placement_file(path, key, parameters=parameters)
         placement = load_placements(autop.sharding_optimizer, path)
         logger.info(f"AutoParallel: loaded placements from {path} (no solve)")
     if not is_rank0():
@@ -38,13 +50,13 @@ def solve_or_load(autop, *, path: str, key: dict, dump: str, dump_placements: bo
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with written_whole(path) as tmp:
             save_placements(autop.sharding_optimizer, tmp)
-            _add_plan_key(tmp, key)
+            _add_our_fields(tmp, key, autop.sharding_optimizer.graph)
         logger.info(f"AutoParallel: saved placements to {path}")
     dumped = os.path.join(dump, "placements.json")
     if dump_placements and solved:
         with written_whole(dumped) as tmp:
             save_placements(autop.sharding_optimizer, tmp)
-            _add_plan_key(tmp, key)
+            _add_our_fields(tmp, key, autop.sharding_optimizer.graph)
         log = autop.sharding_optimizer.get_log(colored=False)
         write_whole(os.path.join(dump, "solution.txt"), log)
     elif dump_placements:
@@ -53,22 +65,30 @@ def solve_or_load(autop, *, path: str, key: dict, dump: str, dump_placements: bo
     return placement
 
 
-def _add_plan_key(path: str, key: dict) -> None:
-    # AutoParallel's load_placements reads only its own fields and ignores this one. Called
-    # on the temporary file save_placements wrote, before it replaces the placement file.
+def _add_our_fields(path: str, key: dict, graph) -> None:
+    # Called on the temporary file save_placements wrote, before it replaces the placement
+    # file: the key, and each parameter node's FQN and rank.
+    from torch._functorch._aot_autograd.fx_utils import get_named_param_nodes
+
     with open(path) as f:
         data = json.load(f)
     data[_PLAN_KEY_FIELD] = key
+    data[_PARAMETERS_FIELD] = {
+        node.name: {"fqn": fqn, "rank": node.meta["val"].dim()}
+        for fqn, node in get_named_param_nodes(graph).items()
+    }
     with open(path, "w") as f:
         json.dump(data, f, indent=2)
 
 
-def check_placement_file(path: str, key: dict) -> None:
-    """ValueError unless the placement file was solved for this plan (plan_key)."""
+def check_placement_file(path: str, key: dict, *, parameters: dict[str, int]) -> None:
+    """ValueError unless the placement file was solved for this plan (plan_key) and places
+    this model's parameters (``parameters``: FQN -> rank) with placements of their rank."""
     fix = "delete it to solve again, or pass another --autoparallel.placement_file"
     try:
         with open(path) as f:
-            saved = json.load(f).get(_PLAN_KEY_FIELD)
+            data = json.load(f)
+        saved = data.get(_PLAN_KEY_FIELD)
     except (OSError, ValueError, AttributeError) as e:
         raise ValueError(f"placement file {path} is not readable JSON ({e}): {fix}") from e
     if saved is None:
@@ -81,3 +101,43 @@ def check_placement_file(path: str, key: dict) -> None:
         was = ", ".join(f"{name} {saved.get(name)}" for name in differ)
         now = ", ".join(f"{name} {key[name]}" for name in differ)
         raise ValueError(f"placement file {path} was solved for {was}; this run has {now}: {fix}")
+    problems = _body_problems(data, parameters=parameters, mesh_ndim=len(key["mesh"]))
+    if problems:
+        shown = "; ".join(problems[:3]) + (
+            f"; {len(problems) - 3} more" if len(problems) > 3 else ""
+        )
+        raise ValueError(f"placement file {path} does not fit this model ({shown}): {fix}")
+
+
+def _body_problems(data: dict, *, parameters: dict[str, int], mesh_ndim: int) -> list[str]:
+    """What in the file's body contradicts the model: parameters it names that the model
+    lacks or has with another rank, and parameter placements that do not fit their rank."""
+    recorded = data.get(_PARAMETERS_FIELD)
+    placements = data.get("placements")
+    if not isinstance(recorded, dict) or not isinstance(placements, dict):
+        return [f"no {_PARAMETERS_FIELD} or placements (saved by an older version)"]
+    problems = []
+    for node, entry in sorted(recorded.items()):
+        try:
+            fqn, rank = entry["fqn"], int(entry["rank"])
+        except (TypeError, KeyError, ValueError):
+            problems.append(f"parameter entry {node} is malformed")
+            continue
+        if fqn not in parameters:
+            problems.append(f"{fqn} is not a parameter of this model")
+        elif parameters[fqn] != rank:
+            problems.append(f"{fqn} has {parameters[fqn]} dims, not {rank}")
+        output = (
+            placements.get(node, {}).get("output")
+            if isinstance(placements.get(node), dict)
+            else None
+        )
+        if output is None:
+            problems.append(f"{fqn} ({node}) has no placement")
+            continue
+        tokens = list(_PLACEMENT.finditer(output))
+        if "".join(t.group(0) for t in tokens) != output or len(tokens) != mesh_ndim:
+            problems.append(f"{fqn} ({node}): {output!r} is not {mesh_ndim} placement(s)")
+        elif any(t.group(1) is not None and int(t.group(1)) >= rank for t in tokens):
+            problems.append(f"{fqn} ({node}): {output!r} shards a dim a {rank}-dim tensor lacks")
+    return problems

@@ -292,9 +292,9 @@ def plan_key_of(config, parallel_dims) -> dict:
 def check_before_launch(config, parallel_dims) -> None:
     """What would otherwise fail only after every rank started, checked on the parsed
     config and its ParallelDims (run_train.sh runs this before torchrun): the degrees are
-    ones AutoParallel plans, the engine is installed, and a placement file was solved for
-    this very plan, and the memory bounds are in order. Raises ValueError or ImportError
-    naming the problem and the fix."""
+    ones AutoParallel plans, the engine is installed, the memory bounds are in order, and a
+    placement file was solved for this very plan and places this model's parameters.
+    Raises ValueError or ImportError naming the problem and the fix."""
     check_parallel_dims(parallel_dims)
     if parallel_dims.ep > 1 and not list(config.model_spec.model.traverse(RoutedExperts.Config)):
         raise ValueError(
@@ -306,4 +306,12 @@ def check_before_launch(config, parallel_dims) -> None:
     require_autoparallel()
     path = placement_path(config.autoparallel, config.dump_folder)
     if path and os.path.exists(path):
-        check_placement_file(path, plan_key_of(config, parallel_dims))
+        key = plan_key_of(config, parallel_dims)
+        with torch.device("meta"):
+            model = config.model_spec.model.build()
+        check_placement_file(path, key, parameters=parameter_ranks(model))
+
+
+def parameter_ranks(model) -> dict[str, int]:
+    """Every parameter FQN of ``model`` (alias names too) -> its number of dims."""
+    return {fqn: p.dim() for fqn, p in model.named_parameters(remove_duplicate=False)}
