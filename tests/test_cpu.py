@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+import warnings
 
 import pytest
 import torch
@@ -230,3 +232,40 @@ def test_an_implausible_memory_bandwidth_is_refused(monkeypatch):
     monkeypatch.setattr(time, "perf_counter", lambda: next(ticks))
     with pytest.raises(RuntimeError, match="GB/s is outside"):
         cpu.measure_memory_bandwidth_gbs(nbytes=2**20)
+
+
+def test_mfu_on_cpu_is_against_a_measured_peak_without_lspci(monkeypatch):
+    """torchtitan's MFU divides by its device's peak FLOP/s: an A100's for a CPU (after
+    running lspci). On CPU it is this process's measured float32 matmul rate."""
+    import torchtitan.tools.utils as tt_utils
+
+    def no_lspci(*args, **kwargs):
+        raise AssertionError(f"ran {args[0]}")
+
+    cpu.install_runtime()
+    monkeypatch.setattr(subprocess, "run", no_lspci)
+    peak = tt_utils.get_peak_flops("NVIDIA A100")  # what the name alone would give: 312e12
+    assert peak == tt_utils.get_peak_flops("cpu")  # measured once
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    t0 = time.perf_counter()
+    torch.mm(a, b)
+    rate = 2 * 512**3 / (time.perf_counter() - t0)
+    assert 1e8 < peak < 312e12 and peak > rate / 20, (peak, rate)
+
+
+def test_benign_warnings_are_silenced_and_others_are_not(one_rank_group):
+    """Each known-benign warning, emitted by the code that emits it in a run where one is
+    at hand (DTensor's random op on a CPU mesh), or by its text; any other stays."""
+    from torch.distributed.tensor import distribute_tensor
+
+    from torchtitan_ext import benign_warnings
+
+    mesh = init_device_mesh("cpu", (1,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        benign_warnings.silence()
+        torch.nn.init.normal_(distribute_tensor(torch.empty(4, 4), mesh, [Shard(0)]))
+        for category, message, _ in benign_warnings.BENIGN:
+            warnings.warn(f"{message} (and the rest of it)", category, stacklevel=1)
+        warnings.warn("DTensor random operators are something else", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["DTensor random operators are something else"]

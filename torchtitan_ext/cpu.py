@@ -124,7 +124,9 @@ def install_runtime() -> None:
     global _runtime_installed
     if _runtime_installed or not use_cpu():
         return
-    patches.torchtitan_on_cpu(build_memory_monitor=_build_cpu_memory_monitor)
+    patches.torchtitan_on_cpu(
+        build_memory_monitor=_build_cpu_memory_monitor, peak_flops=measure_peak_flops
+    )
     patches.float32_grouped_mm_meta()
     autoparallel = importlib.util.find_spec("autoparallel") is not None
     if autoparallel:
@@ -134,7 +136,7 @@ def install_runtime() -> None:
     logger.info(
         "torchtitan_ext CPU support: no accelerator, training on CPU with gloo "
         "(float32, SDPA attention, float32 grouped experts, FSDP sum reduction, "
-        "RSS memory stats)"
+        "RSS memory stats, MFU against a measured float32 matmul peak)"
     )
     if autoparallel:
         logger.info(
@@ -218,3 +220,22 @@ def measure_memory_bandwidth_gbs(*, nbytes: int = 256 * 2**20, repeats: int = 5)
             "implausible for a CPU: the copies did not run on real memory"
         )
     return bandwidth
+
+
+def measure_peak_flops(*, size: int = 1024, repeats: int = 5) -> float:
+    """This process's float32 matmul rate in FLOP/s, the best of a few ``size``-square
+    matmuls: MFU's peak on CPU (torchtitan would use an A100's). Ranks measure at once and
+    share the cores, so it is what each rank's matmuls can reach while all of them run."""
+    a = torch.randn(size, size)
+    b = torch.randn(size, size)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    peak = 2 * size**3 / best
+    logger.info(
+        f"torchtitan_ext CPU support: MFU against this rank's float32 matmul peak, "
+        f"{peak / 1e9:.1f} GFLOP/s (measured)"
+    )
+    return peak

@@ -158,12 +158,14 @@ def grouped_mm_inputs_keep_eager_strides() -> None:
     add_layout_constraint(torch.ops.aten._grouped_mm.default, constrain_to_fx_strides)
 
 
-def torchtitan_on_cpu(*, build_memory_monitor: Callable) -> None:
+def torchtitan_on_cpu(*, build_memory_monitor: Callable, peak_flops: Callable[[], float]) -> None:
     """torchtitan 0.3.0 assumes an accelerator: it picks its device at import
     (`_get_available_device_type() or "cuda"`, a binding several modules copied), builds a
-    CUDA memory monitor, and passes the string "cpu" as a barrier device id, which gloo
-    rejects. Rebind every copy to CPU, use ``build_memory_monitor``, and set process-group
-    timeouts without that barrier argument. Goes when torchtitan runs on CPU itself."""
+    CUDA memory monitor, passes the string "cpu" as a barrier device id, which gloo
+    rejects, and computes MFU against a GPU's peak (an A100's for an unknown device, after
+    running lspci). Rebind every copy to CPU, use ``build_memory_monitor``, set
+    process-group timeouts without that barrier argument, and take MFU's peak from
+    ``peak_flops()``. Goes when torchtitan runs on CPU itself."""
     import torchtitan.components.metrics as metrics
     import torchtitan.distributed.utils as dist_utils
     import torchtitan.tools.utils as tt_utils
@@ -178,6 +180,8 @@ def torchtitan_on_cpu(*, build_memory_monitor: Callable) -> None:
     assert tt_utils.device_type == "cpu"
     metrics.build_device_memory_monitor = build_memory_monitor
     dist_utils.set_pg_timeouts = _set_pg_timeouts_cpu
+    measured = functools.cache(peak_flops)  # torchtitan asks once per Trainer and metrics
+    tt_utils.get_peak_flops = lambda device_name: measured()
 
 
 def _set_pg_timeouts_cpu(timeout: timedelta, parallel_dims) -> None:

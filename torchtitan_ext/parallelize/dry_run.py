@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from torchtitan_ext import cpu
+from torchtitan_ext import benign_warnings, cpu
 
 
 def plan_model(config, *, world_size: int, dump_folder: str):
@@ -14,7 +14,8 @@ def plan_model(config, *, world_size: int, dump_folder: str):
     parallel model and the component (its ``report`` and ``times``)."""
     from torchtitan.distributed import ParallelDims
 
-    cpu.install_runtime()  # what the Trainer does first: meshes are then built on CPU
+    benign_warnings.silence()  # what the Trainer does first; meshes are then built on CPU
+    cpu.install_runtime()
     config.model_spec.model.update_from_config(config=config)
     with torch.device("meta"):
         model = config.model_spec.model.build()
