@@ -169,17 +169,7 @@ class AliasAwareAutoParallel(Configurable):
             prepare_inductor(
                 dump_folder=dump_folder, cache_dir=config.compile_cache_dir, ac=spec.ac
             )
-        cache = GraphCache.for_start(
-            folder=config.graph_cache_dir,
-            spec=spec,
-            dump_folder=dump_folder,
-            options={
-                "eager_overlap": config.eager_overlap,
-                "all_reduce_bucket_mb": config.all_reduce_bucket_mb,
-                "compile": spec.compile,
-                "activation_checkpoint": spec.ac,
-            },
-        )
+        cache = GraphCache.for_start(config=config, spec=spec, dump_folder=dump_folder)
         cached = cache.load(model, times) if cache is not None else None
         if cached is not None:
             parallel_model, report = cached

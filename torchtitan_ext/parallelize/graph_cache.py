@@ -242,12 +242,20 @@ class GraphCache:
         """The component's graph options (eager_overlap, all-reduce buckets, compile, AC)."""
 
     @classmethod
-    def for_start(cls, *, folder: str, spec: PlanSpec, dump_folder: str, options: dict):
-        """The cache of this start, or None: no folder configured, or expert parallelism."""
+    def for_start(cls, *, config, spec: PlanSpec, dump_folder: str) -> GraphCache | None:
+        """The cache of this start (``config``: the component's), or None: no folder
+        configured, or expert parallelism."""
+        folder = config.graph_cache_dir
         if not folder or spec.expert_parallel:
             return None
         if not os.path.isabs(folder):
             folder = os.path.join(dump_folder, folder)
+        options = {
+            "eager_overlap": config.eager_overlap,
+            "all_reduce_bucket_mb": config.all_reduce_bucket_mb,
+            "compile": spec.compile,
+            "activation_checkpoint": spec.ac,
+        }
         return cls(folder=folder, spec=spec, options=options)
 
     def key(self) -> dict:
