@@ -23,7 +23,7 @@ from torchtitan.models.llama3.config_registry import llama3_8b, llama3_debugmode
 from torchtitan.models.qwen3.config_registry import qwen3_0_6b, qwen3_30b_a3b, qwen3_moe_debug
 
 from torchtitan_ext import cpu
-from torchtitan_ext.assets import ensure_assets, use_bundled_assets_if_missing
+from torchtitan_ext.assets import bundled_assets, use_bundled_assets_if_missing
 from torchtitan_ext.dataloader import GlobalBatchTextDataLoader
 from torchtitan_ext.models import SharedRoPELlama3Model, use_sdpa_attention
 from torchtitan_ext.trainer import AutoParallelTrainer, Trainer
@@ -34,7 +34,7 @@ def _debug(config, config_cls):
     (runs on 1 and 2 ranks see the same global batches), CPU-sized steps, and the CPU
     adaptations when there is no accelerator."""
     config = derive(config, config_cls)
-    assets = ensure_assets()
+    assets = bundled_assets()  # built by the Trainer
     config.hf_assets_path = assets.tokenizer_path
     config.dataloader = GlobalBatchTextDataLoader.Config(
         dataset="c4_test", dataset_path=assets.dataset_path

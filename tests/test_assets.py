@@ -45,3 +45,17 @@ def test_missing_tokenizer_folder_falls_back_to_bundled(tmp_path):
     config.hf_assets_path = str(tmp_path)  # exists: left alone
     assets.use_bundled_assets_if_missing(config)
     assert config.hf_assets_path == str(tmp_path)
+
+
+def test_config_functions_name_the_assets_and_the_trainer_builds_them(tmp_path, monkeypatch):
+    """Config functions only name the bundled assets (no file IO while parsing, which every
+    rank and the launcher do); the Trainer builds them before torchtitan reads the tokenizer."""
+    import config_registry
+
+    monkeypatch.setenv("TORCHTITAN_EXT_CACHE", str(tmp_path))
+    config = config_registry.llama3_debugmodel_autoparallel()
+    assert config.hf_assets_path == assets.bundled_assets().tokenizer_path
+    assert list(tmp_path.iterdir()) == []
+    assets.ensure_assets_for(config)
+    tokenizer = HuggingFaceTokenizer(tokenizer_path=config.hf_assets_path)
+    assert tokenizer.get_vocab_size() == assets.VOCAB_SIZE

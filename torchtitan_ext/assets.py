@@ -113,13 +113,26 @@ def _write_tokenizer(documents: list[str], folder: Path) -> None:
         json.dump(config, f, indent=2)
 
 
+def bundled_assets() -> Assets:
+    """Where the bundled assets are (built or not): what config functions name, without
+    file IO; the Trainer builds them (ensure_assets_for)."""
+    final = cache_root() / f"assets-v{ASSETS_VERSION}"
+    return Assets(tokenizer_path=str(final / "tokenizer"), dataset_path=str(final / "stdlib_docs"))
+
+
+def ensure_assets_for(config) -> None:
+    """Build the bundled assets if a Trainer.Config names them and they are not built."""
+    bundled = bundled_assets()
+    dataset_path = getattr(config.dataloader, "dataset_path", None)
+    if config.hf_assets_path == bundled.tokenizer_path or dataset_path == bundled.dataset_path:
+        ensure_assets()
+
+
 def ensure_assets() -> Assets:
     """Return the bundled assets, building them on first use."""
     root = cache_root()
-    final = root / f"assets-v{ASSETS_VERSION}"
-    assets = Assets(
-        tokenizer_path=str(final / "tokenizer"), dataset_path=str(final / "stdlib_docs")
-    )
+    assets = bundled_assets()
+    final = Path(assets.tokenizer_path).parent
     if final.is_dir():
         return assets
     root.mkdir(parents=True, exist_ok=True)
@@ -145,7 +158,7 @@ def use_bundled_assets_if_missing(config) -> None:
     and its debug configs name tests/assets, which the wheel does not ship)."""
     if os.path.exists(config.hf_assets_path):
         return
-    assets = ensure_assets()
+    assets = bundled_assets()
     logger.warning(
         f"Tokenizer folder {config.hf_assets_path} not found: using the bundled tokenizer and "
         "dataset (vocabulary of 2048). For real assets pass --hf_assets_path, "

@@ -18,7 +18,7 @@ from torchtitan.config import Configurable
 from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer as TitanTrainer
 
-from torchtitan_ext import benign_warnings, cpu, patches
+from torchtitan_ext import assets, benign_warnings, cpu, patches
 from torchtitan_ext.aliases import storage_bytes
 from torchtitan_ext.dump_folder import write_whole, written_whole
 from torchtitan_ext.parallelize import AliasAwareAutoParallel
@@ -79,6 +79,7 @@ class Trainer(TitanTrainer):
     def __init__(self, config: Config):
         benign_warnings.silence()
         cpu.install_runtime()
+        assets.ensure_assets_for(config)  # the tokenizer is read in torchtitan's __init__
         self._state_bytes: dict[str, int] | None = None
         """Bytes of this rank's state, recorded after the first step."""
         super().__init__(config)
