@@ -2,7 +2,7 @@
 
 A cold start traces the joint graph, solves (or loads the placement file) and applies the
 placements (apply_sharding, AOTAutograd's partition, our eager runner's bucketing and overlap
-scheduling): 9-11 s of a 24 s start for the debug model on 2 CPU ranks, every start. The
+scheduling), the larger part of every start (benchmarks/README.md, warm starts). The
 cache stores what those phases produce, per rank: AOTAutograd's compiled forward and
 backward with their runtime metadata (its bundled, serializable form), the placement of
 every parameter and buffer, the input and output specs, and the plan report. A warm start
