@@ -152,11 +152,6 @@ class AliasAwareAutoParallel(Configurable):
             ac_config=ac_config,
             dump_folder=dump_folder,
         )
-        if spec.ac and not spec.compile:
-            logger.warning(
-                f"AutoParallel: {type(ac_config).__qualname__} activation checkpointing runs "
-                "only compiled (AutoParallel's AC pass); eager keeps every activation"
-            )
         patches.reset_autoparallel_caches()
         times = PhaseTimes()
         aliases = AliasGuard(model, check=config.alias_check, times=times)
@@ -193,13 +188,7 @@ class AliasAwareAutoParallel(Configurable):
                 model, spec, aliases, reporter, times, after_init, serializable=False
             )
         if cache is not None:
-            cache.save(
-                captured=captured,
-                autop=autop,
-                parallel_model=parallel_model,
-                report=reporter.report,
-                times=times,
-            )
+            cache.save(captured, autop, parallel_model, report=reporter.report, times=times)
         self.last = Start(times, aliases.alias_map, reporter.report)
         return parallel_model
 

@@ -302,7 +302,7 @@ class GraphCache:
         return parallel_model, entry.report
 
     def save(
-        self, *, captured: dict, autop, parallel_model: nn.Module, report, times: PhaseTimes
+        self, captured: dict, autop, parallel_model: nn.Module, *, report, times: PhaseTimes
     ) -> None:
         """Save the cold start's entry; a failure is a warning (the run trains as well)."""
         if "compiled" not in captured:

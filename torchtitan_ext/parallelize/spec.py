@@ -21,6 +21,7 @@ from torch.distributed.tensor.placement_types import Replicate, Shard
 from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.distributed.fsdp import get_fsdp_reshard_after_forward_policy
 from torchtitan.models.common.moe import RoutedExperts
+from torchtitan.tools.logging import logger
 
 from torchtitan_ext.parallelize.expert_parallel import EP_DATA_AXES
 from torchtitan_ext.parallelize.placements import check_placement_file
@@ -147,6 +148,12 @@ class PlanSpec:
         # spmd_types backend (its loss-parallel cross-entropy when tp > 1), the full
         # vocabulary under the DTensor backends.
         vocab_parallel = parallelism.spmd_backend == "spmd_types"
+        compile_model = compile_config.enable and "model" in compile_config.components
+        if ac_config is not None and not compile_model:
+            logger.warning(
+                f"AutoParallel: {type(ac_config).__qualname__} activation checkpointing runs "
+                "only compiled (AutoParallel's AC pass); eager keeps every activation"
+            )
         return cls(
             axes=list(axes),
             mesh=mesh,
@@ -171,7 +178,7 @@ class PlanSpec:
                 config=config,
             ),
             dump=os.path.join(dump_folder, "autoparallel"),
-            compile=compile_config.enable and "model" in compile_config.components,
+            compile=compile_model,
             ac=ac_config is not None,
         )
 
