@@ -1,15 +1,15 @@
 """Checkpoints with aliases: DCP between the AutoParallel model and the eager model, both
-ways; which checkpoint a run resumes from after a save was killed."""
+ways. Resuming after a save was killed is an integration run (tests/support/integration/
+runs.py: ap_shared_rope_1rank_kill_resume, run by tests/test_integration.py on CPU, and
+gpu_kill_resume_dp_shard8): it resumes from step 2 and repeats steps 3-4 exactly."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
-from torchtitan.components.checkpoint import CheckpointManager
 
 from tests.support.checkpoint_roundtrip import CONFIG, LAYERS, TIED
 from tests.support.training import REPO_ROOT
@@ -95,29 +95,3 @@ def test_autoparallel_checkpoint_loads_into_the_eager_model(roundtrip):
     assert compare["differing"] == [], compare
     assert loaded["load_changed_values"], "the load left the eager init in place"
     _assert_aliases_intact(loaded["aliases"], "eager after load")
-
-
-# --- which checkpoint a resumed run loads ---
-# The kill-and-resume runs themselves are integration runs (tests/support/integration/runs.py:
-# ap_shared_rope_1rank_kill_resume, run by tests/test_integration.py on CPU, and
-# gpu_kill_resume_dp_shard8): a run SIGKILLed while DCP writes its step-4 checkpoint resumes
-# from step 2 and repeats steps 3-4 exactly.
-
-
-def test_torchtitan_resumes_only_from_folders_with_dcp_metadata(tmp_path):
-    """A save killed before DCP's finish() leaves shard files without .metadata; torchtitan's
-    checkpointer must not pick that folder."""
-    folder = tmp_path / "checkpoint"
-    for step, complete in ((2, True), (4, False), (6, False)):
-        (folder / f"step-{step}").mkdir(parents=True)
-        (folder / f"step-{step}" / "__0_0.distcp").write_bytes(b"shard")
-        if complete:
-            (folder / f"step-{step}" / ".metadata").write_bytes(b"metadata")
-    (folder / "step-9.tmp").mkdir()  # not a step folder of a complete save either
-
-    def latest() -> int:
-        return CheckpointManager._find_load_step(SimpleNamespace(folder=str(folder)))
-
-    assert latest() == 2
-    (folder / "step-6" / ".metadata").write_bytes(b"metadata")
-    assert latest() == 6

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from torch.distributed.tensor import Shard, distribute_tensor
 from torchtitan.models.common.attention import FlexAttention, ScaledDotProductAttention
 from torchtitan.models.llama3.config_registry import llama3_debugmodel
 
-from torchtitan_ext import cpu, models, patches
+from torchtitan_ext import cpu, models
 
 pytestmark = pytest.mark.skipif(
     torch.accelerator.is_available(), reason="CPU support is inactive with an accelerator"
@@ -79,8 +80,6 @@ def test_install_runtime_rebinds_every_torchtitan_device_global():
         )
     ]
     assert not leftovers
-    assert metrics.build_device_memory_monitor is cpu._build_cpu_memory_monitor
-    assert dist_utils.set_pg_timeouts is patches._set_pg_timeouts_cpu
 
 
 def test_memory_monitor_reports_peak_rss():
@@ -156,24 +155,61 @@ def _configs(model_config, config_type):
         yield parent, attr, (parent[attr] if isinstance(parent, list) else getattr(parent, attr))
 
 
+def _attention_options(shape: tuple[int, ...]):
+    """What AutoParallel's solver is offered for the CPU flash-attention kernel on a 2-rank
+    mesh, q/k/v each available replicated or sharded on any dim; and the kernel's node."""
+    from autoparallel.shardings.placement_options import get_placement_options
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+    from torch.distributed.tensor._op_schema import OpSpec, OpStrategy
+
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    mesh = DeviceMesh("cpu", torch.arange(2), _init_backend=False, _rank=0)
+    qkv = torch.empty(shape, device="meta")
+    meta = TensorMeta(qkv.shape, qkv.stride(), qkv.dtype)
+    placements = [Replicate(), *(Shard(d) for d in range(qkv.ndim))]
+    specs = [OpStrategy([OpSpec(DTensorSpec(mesh, (p,), tensor_meta=meta)) for p in placements])]
+    options = get_placement_options(mesh, op, specs * 3 + [0.0, True], [qkv] * 3 + [0.0, True], {})
+    graph = torch.fx.Graph()
+    inputs = [graph.placeholder(name) for name in "qkv"]
+    for node in inputs:
+        node.meta["val"] = qkv
+    return options, graph.call_function(op, (*inputs, 0.0, True))
+
+
 @pytest.mark.engine  # install_runtime imports AutoParallel
-def test_cpu_flash_attention_strategies_registered():
-    from torch.distributed.tensor import DTensor
+def test_solver_may_shard_cpu_flash_attention_by_batch_or_heads():
+    """Without our strategies AutoParallel implicitly registers the CPU kernel as
+    replicate-only: the full batch on every rank."""
+    from torch.distributed.tensor import Replicate
 
     cpu.install_runtime()
-    strategies = DTensor._op_dispatcher.sharding_propagator.op_single_dim_strategy_funcs
-    aten = torch.ops.aten
-    assert aten._scaled_dot_product_flash_attention_for_cpu.default in strategies
-    assert aten._scaled_dot_product_flash_attention_for_cpu_backward.default in strategies
+    options, _ = _attention_options((4, 2, 16, 8))
+    outputs = {s.output_specs[0].placements for s in options.strategies}
+    assert outputs == {(Replicate(),), (Shard(0),), (Shard(1),)}
+    for strategy in options.strategies:  # output, logsumexp and q/k/v placed alike
+        assert len({spec.placements for spec in strategy.output_specs}) == 1
+        assert {spec.placements for spec in strategy.input_specs} == {
+            strategy.output_specs[0].placements
+        }
 
 
 @pytest.mark.engine  # install_runtime imports AutoParallel
 def test_cost_model_device_limits_on_cpu():
-    from autoparallel.cost_models import compute_estimation
+    """AutoParallel's compute cost model (the solver's per-strategy runtime) looks its device
+    up through CUDA and raised on CPU; it now costs attention sharded on 2 ranks at half."""
+    from autoparallel.cost_models.compute_estimation import estimate_strategy_runtime_cost
 
     cpu.install_runtime()
-    assert compute_estimation._get_device_limit().name == "H100"
-    assert compute_estimation._get_device_tflops(torch.float32) > 0
+    options, node = _attention_options((8, 16, 1024, 64))
+    cost = {
+        s.output_specs[0].placements[0]: estimate_strategy_runtime_cost(node, s)
+        for s in options.strategies
+    }
+    replicated = cost.pop(next(p for p in cost if p.is_replicate()))
+    assert math.isfinite(replicated) and replicated > 0, replicated
+    assert list(cost.values()) == [pytest.approx(replicated / 2)] * 2, cost
 
 
 _TEARDOWN_SCRIPT = """

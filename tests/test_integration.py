@@ -16,11 +16,11 @@ from tests.support.integration import OverrideDefinitions, run_tests
 from tests.support.integration.checks import (
     CheckpointFolders,
     CommandResult,
+    EveryRankLogged,
     FiniteLosses,
     LogContains,
     LogLacks,
     LossFalls,
-    RanksAgree,
     ResumeMatches,
     StepsRan,
 )
@@ -97,11 +97,9 @@ def test_gpu_runs_use_every_gpu():
 def test_every_command_parses(run, index):
     """Every command's flags are accepted by torchtitan's parser (tyro) for its config."""
     args = [str(a) for a in run.override_args[index]]
-    config = ConfigManager().parse_args(
+    ConfigManager().parse_args(
         ["--module", resolve(run.model, run.config), "--config", run.config, *args]
     )
-    if "--training.steps" in args:
-        assert config.training.steps == int(args[args.index("--training.steps") + 1])
 
 
 # --- the checks, on made-up output ---
@@ -136,10 +134,14 @@ def test_checks_fail_when_they_should():
     assert FiniteLosses()([good]) == []
     assert LossFalls(margin=1.0)([good]) == []
     assert LossFalls(margin=3.0)([good])
-    assert RanksAgree(ranks=2)([good]) == []
-    disagree = _result([_step(1, 9.0, 0), _step(1, 9.1, 1)])
-    assert RanksAgree(ranks=2)([disagree])
-    assert RanksAgree(ranks=2)([_result([_step(1, 9.0, 0)])])  # rank 1 printed nothing
+    assert EveryRankLogged(ranks=2)([good]) == []
+    # Losses are not compared (torchtitan logs them all-reduced); step numbers are.
+    assert EveryRankLogged(ranks=2)([_result([_step(1, 9.0, 0), _step(1, 9.1, 1)])]) == []
+    behind = _result([_step(1, 9.0, 0), _step(1, 9.0, 1), _step(2, 7.0, 0)])
+    assert EveryRankLogged(ranks=2)([behind]) == [
+        "command 0: rank 1 printed steps [1], rank 0 [1, 2]"
+    ]
+    assert EveryRankLogged(ranks=2)([_result([_step(1, 9.0, 0)])])  # rank 1 printed nothing
     assert FiniteLosses()([_result(["no steps"])])
     assert FiniteLosses()([_result([_step(1, math.nan, 0)])])
     assert StepsRan((1, 2))([good]) == [] and StepsRan((2,))([good])
@@ -212,6 +214,59 @@ def test_missing_engine_is_a_skip_never_a_pass(tmp_path, monkeypatch, capsys):
     assert status == run_tests.EXIT_FAILED
     (outcome,) = json.loads((tmp_path / "b" / "summary.json").read_text())["runs"]
     assert outcome["status"] == "FAIL"
+
+
+_SKIPPING_ENGINE_TESTS = """
+import pytest
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.mark.skipif(True, reason="CPU support is inactive with an accelerator")
+def test_accelerator():
+    pass
+
+
+def test_engine_missing():
+    pytest.skip("Meta's AutoParallel is not installed: pip install -e '.[autoparallel]'")
+
+
+def test_importorskip():
+    pytest.importorskip("autoparallel_absent")
+"""
+
+
+@pytest.mark.parametrize("required", ["0", "1"])
+def test_a_required_engine_fails_engine_skips_only(required, tmp_path, monkeypatch):
+    """tests/conftest.py's rule, in a pytest session of its own: under
+    TORCHTITAN_EXT_REQUIRE_ENGINE=1 an engine test skipped for want of the engine fails; one
+    skipped deliberately (tests/test_cpu.py on a host with an accelerator) stays skipped."""
+    import tests.conftest as conftest
+
+    class Outcomes:
+        def __init__(self):
+            self.by_test = {}
+
+        def pytest_runtest_logreport(self, report):
+            if report.outcome != "passed" or report.when == "call":
+                self.by_test.setdefault(report.nodeid.rsplit("::", 1)[1], report.outcome)
+
+    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    engine: needs the engine\n")
+    (tmp_path / "test_skipping_engine_tests.py").write_text(_SKIPPING_ENGINE_TESTS)
+    monkeypatch.setenv(conftest.REQUIRE_ENGINE_ENV, required)
+    outcomes = Outcomes()
+    # no:unraisableexception: its five gc.collect() at exit take seconds with torch loaded.
+    args = ["-q", "-p", "no:cacheprovider", "-p", "no:unraisableexception", "--rootdir"]
+    args += [str(tmp_path), "-c", str(tmp_path / "pytest.ini"), "--import-mode=importlib"]
+    args.append(str(tmp_path))
+    status = pytest.main(args, plugins=[conftest, outcomes])
+    engine_skip = "failed" if required == "1" else "skipped"
+    assert outcomes.by_test == {
+        "test_accelerator": "skipped",
+        "test_engine_missing": engine_skip,
+        "test_importorskip": engine_skip,
+    }
+    assert status == (pytest.ExitCode.TESTS_FAILED if required == "1" else pytest.ExitCode.OK)
 
 
 def test_a_command_that_must_fail_may_fail_and_is_checked(tmp_path):

@@ -12,13 +12,14 @@ CONFIG = "llama3_debugmodel_cpu"
 
 
 @pytest.mark.slow
-def test_two_ranks_train_and_agree(tmp_path):
+def test_two_ranks_train_with_torchtitan_fsdp(tmp_path):
+    """Both ranks train and log every step; their logged losses and grad norms are not
+    compared: torchtitan all-reduces them before logging, so they always agree."""
     run = run_train(
         CONFIG, "--training.steps", "6", ngpu=2, log_ranks="0,1", dump_folder=tmp_path
     ).check()
     assert sorted(run.losses) == [0, 1], "both ranks must print their step lines"
-    assert run.losses[0] == run.losses[1], "ranks disagree on the global loss"
-    assert run.grad_norms[0] == run.grad_norms[1], "ranks disagree on the gradient norm"
+    assert sorted(run.losses[1]) == sorted(run.losses[0]), "rank 1 skipped or added steps"
     losses = run.rank_losses()
     assert len(losses) == 6
     assert losses[-1] < losses[0] - 0.3, f"loss did not fall: {losses}"
