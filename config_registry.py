@@ -88,6 +88,15 @@ def llama3_debugmodel_autoparallel() -> AutoParallelTrainer.Config:
     return config
 
 
+def llama3_debugmodel_untied_autoparallel() -> AutoParallelTrainer.Config:
+    """The AutoParallel debug config with untied embeddings: what pipeline parallelism
+    (--parallelism.pipeline_parallel_degree) runs today, since torchtitan 0.3.0 refuses
+    weight tying with it."""
+    config = llama3_debugmodel_autoparallel()
+    config.model_spec.model.enable_weight_tying = False
+    return config
+
+
 def llama3_debugmodel_shared_rope_autoparallel() -> AutoParallelTrainer.Config:
     """The AutoParallel debug config whose layers share one RoPE cache buffer (one tensor
     under every layers.N.attention.rope.cache), so the buffer-alias path runs end to end."""

@@ -10,10 +10,11 @@ import os
 from types import SimpleNamespace
 
 import pytest
+import torch
 from torch import nn
 
 OLD = "the previous run's file\n"
-KEY = {"model": "this one"}
+KEY = {"model": "this one", "mesh": {"dp_shard": 2}}
 
 
 class _FullDisk:
@@ -71,6 +72,7 @@ def _autop():
         _extract_and_validate_solution=dict,
         mesh=SimpleNamespace(shape=(2,), mesh_dim_names=("dp_shard",)),
         get_log=lambda colored: "one line per graph node\n" * 50,
+        graph=torch.fx.Graph(),  # no parameter nodes
     )
     return SimpleNamespace(optimize_placement=lambda: "solved", sharding_optimizer=optimizer)
 
@@ -78,25 +80,29 @@ def _autop():
 def _solve(dump, placement_file: str = ""):
     from torchtitan_ext.parallelize.placements import solve_or_load
 
-    return solve_or_load(_autop(), path=placement_file, key=KEY, dump=dump, dump_placements=True)
+    return solve_or_load(
+        _autop(), path=placement_file, key=KEY, parameters={}, dump=dump,
+        dump_placements=True, writes=True,
+    )  # fmt: skip
 
 
 def _init_weights(dump):
     from torchtitan_ext.parallelize.report import PhaseTimes, write_startup
 
-    write_startup(dump, PhaseTimes(), nn.Linear(2, 2))
+    write_startup(dump, PhaseTimes(), nn.Linear(2, 2), writes=True)
 
 
 def _write_plan(dump):
     from torchtitan_ext.parallelize.report import PlanReporter
 
     report = SimpleNamespace(to_json=lambda: json.dumps({"plan": "new"}), lines=lambda: [])
-    PlanReporter(dump).publish(report, source="a test")
+    PlanReporter(dump, writes=True).publish(report, source="a test")
 
 
 def _placement_file(tmp_path) -> str:
     path = tmp_path / "placements.json"
-    path.write_text(json.dumps({"placements": {}, "torchtitan_ext_plan_key": KEY}))
+    body = {"placements": {}, "torchtitan_ext_parameters": {}}
+    path.write_text(json.dumps({**body, "torchtitan_ext_plan_key": KEY}))
     return str(path)
 
 

@@ -74,7 +74,7 @@ BAD_FLAGS = {
     "degree-autoparallel-does-not-plan": (
         ("--parallelism.context_parallel_degree", "2",
          "--parallelism.data_parallel_shard_degree", "1"),
-        ("plans data, tensor and expert parallelism only, not "
+        ("plans data, tensor, expert and pipeline parallelism, not "
          "--parallelism.context_parallel_degree 2", "--parallelize torchtitan"),
     ),
     "expert-parallel-without-experts": (

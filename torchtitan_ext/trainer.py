@@ -176,6 +176,12 @@ class Trainer(TitanTrainer):
                         grad = grad.full_tensor()
                     gathered[id(param)] = None if grad is None else grad.detach().cpu()
                 grads[fqn] = gathered[id(param)]
+        if self.parallel_dims.pp_enabled:
+            # Each pipeline rank holds its stages' parameters: rank 0 writes them all.
+            pp_group = self.parallel_dims.get_mesh("pp").get_group()
+            parts: list[dict | None] = [None] * pp_group.size()
+            torch.distributed.all_gather_object(parts, grads, group=pp_group)
+            grads = {fqn: grad for part in parts for fqn, grad in part.items()}
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
             folder = os.path.join(self.config.dump_folder, "grads")
             os.makedirs(folder, exist_ok=True)

@@ -155,10 +155,10 @@ class AliasAwareAutoParallel(Configurable):
         patches.reset_autoparallel_caches()
         times = PhaseTimes()
         aliases = AliasGuard(model, check=config.alias_check, times=times)
-        reporter = PlanReporter(spec.dump)
+        reporter = PlanReporter(spec.dump, writes=spec.writes)
 
         def after_init(parallel_model: nn.Module) -> None:
-            write_startup(spec.dump, times, parallel_model)
+            write_startup(spec.dump, times, parallel_model, writes=spec.writes)
 
         if spec.compile:
             prepare_inductor(
@@ -255,6 +255,7 @@ class AliasAwareAutoParallel(Configurable):
                 parameters=parameter_ranks(model),
                 dump=spec.dump,
                 dump_placements=config.dump_placements,
+                writes=spec.writes,
             )
             times.solve = time.perf_counter() - t0
             parallel_model, times.apply = compiler.apply(

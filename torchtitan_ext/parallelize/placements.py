@@ -19,7 +19,6 @@ import shutil
 from torchtitan.tools.logging import logger
 
 from torchtitan_ext.dump_folder import write_whole, written_whole
-from torchtitan_ext.ranks import is_rank0
 
 _PLAN_KEY_FIELD = "torchtitan_ext_plan_key"
 _PARAMETERS_FIELD = "torchtitan_ext_parameters"
@@ -28,7 +27,14 @@ _PLACEMENT = re.compile(r"S\((\d+)\)|R|P(\([a-z_]*\))?")
 
 
 def solve_or_load(
-    autop, *, path: str, key: dict, parameters: dict[str, int], dump: str, dump_placements: bool
+    autop,
+    *,
+    path: str,
+    key: dict,
+    parameters: dict[str, int],
+    dump: str,
+    dump_placements: bool,
+    writes: bool,
 ):
     """Solve, or load the placement file ``path`` (after checking it against ``key`` and
     ``parameters``, FQN -> rank); save the solution to ``path`` and, with
@@ -42,7 +48,7 @@ def solve_or_load(
         check_placement_file(path, key, parameters=parameters)
         placement = load_placements(autop.sharding_optimizer, path)
         logger.info(f"AutoParallel: loaded placements from {path} (no solve)")
-    if not is_rank0():
+    if not writes:
         return placement
     os.makedirs(dump, exist_ok=True)
     # Each file is replaced whole, AutoParallel's placements and our key in one write.

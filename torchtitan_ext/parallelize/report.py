@@ -24,7 +24,6 @@ from torchtitan.tools.logging import logger
 from torchtitan_ext.aliases import storage_bytes, unique_storage_bytes
 from torchtitan_ext.dump_folder import write_whole
 from torchtitan_ext.parallelize.expert_parallel import expert_gradient_reductions
-from torchtitan_ext.ranks import is_rank0
 
 # Op name -> kind, for the _c10d_functional ops and Inductor's bucketed versions of them.
 _COLLECTIVES = {
@@ -262,11 +261,13 @@ class PhaseTimes:
 
 
 class PlanReporter:
-    """Logs one start's plan report and writes it (rank 0) to <dump>/plan.json; once
+    """Logs one start's plan report and writes it (``writes``: this rank writes the start's
+    files) to <dump>/plan.json; once
     Inductor compiled both training graphs, completes it with their bucketed collectives."""
 
-    def __init__(self, dump: str):
+    def __init__(self, dump: str, *, writes: bool):
         self.dump = dump
+        self.writes = writes
         self.report: PlanReport | None = None
         self._compiled: tuple[list[torch.fx.GraphModule], float] | None = None
         """Inductor's scheduled graphs and seconds, until the report is published."""
@@ -296,16 +297,16 @@ class PlanReporter:
         self._write()
 
     def _write(self) -> None:
-        if is_rank0():
+        if self.writes:
             os.makedirs(self.dump, exist_ok=True)
             write_whole(os.path.join(self.dump, "plan.json"), self.report.to_json())
 
 
-def write_startup(dump: str, times: PhaseTimes, module: nn.Module) -> None:
-    """startup.json (rank 0): the seconds of each phase and the parallel model's storage.
-    Each alias name shares its group's storage: all names cost what the deduplicated objects
-    cost (alias_extra_bytes 0)."""
-    if not is_rank0():
+def write_startup(dump: str, times: PhaseTimes, module: nn.Module, *, writes: bool) -> None:
+    """startup.json (where this rank ``writes``): the seconds of each phase and the parallel
+    model's storage. Each alias name shares its group's storage: all names cost what the
+    deduplicated objects cost (alias_extra_bytes 0)."""
+    if not writes:
         return
     everything = unique_storage_bytes(module)
     objects = storage_bytes([*module.parameters(), *module.buffers()])

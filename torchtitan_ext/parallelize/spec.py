@@ -25,6 +25,7 @@ from torchtitan.tools.logging import logger
 
 from torchtitan_ext.parallelize.expert_parallel import EP_DATA_AXES
 from torchtitan_ext.parallelize.placements import check_placement_file
+from torchtitan_ext.ranks import is_rank0
 
 # The AutoParallel commit this project is tested against; pyproject.toml's extra pins it too.
 # For the install message only: keys hold what is installed (autoparallel_version).
@@ -75,6 +76,35 @@ def autoparallel_version() -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class Stage:
+    """A pipeline stage module as torchtitan's pipeline_llm leaves it: the modules of other
+    stages are None, its layers keep their names. Each stage is planned on its own."""
+
+    first: bool
+    """It embeds the token ids (tok_embeddings); the others take hidden states."""
+    last: bool
+    """It computes the logits (lm_head); the others return hidden states."""
+    layers: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        """e.g. "stage-layers.0-2" (its report folder; unique within a model)."""
+        return (
+            f"stage-layers.{self.layers[0]}-{self.layers[-1]}"
+            if self.layers
+            else ("stage-embeddings" if self.first else "stage-output")
+        )
+
+    @classmethod
+    def of(cls, model) -> Stage:
+        return cls(
+            first=getattr(model, "tok_embeddings", None) is not None,
+            last=getattr(model, "lm_head", None) is not None,
+            layers=tuple(getattr(model, "layers", {}).keys()),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class PlanSpec:
     """What one parallelization plans for; built from torchtitan's arguments (build)."""
 
@@ -97,6 +127,11 @@ class PlanSpec:
     """--compile.enable with the model among its components: Inductor compiles the graphs."""
     ac: bool
     """Activation checkpointing asked for (AutoParallel's AC pass, compiled only)."""
+    stage: Stage | None
+    """Pipeline parallelism: the stage this module is; None without PP."""
+    writes: bool
+    """Whether this rank writes the start's files (plan, start-up report, placements): rank
+    0; under PP the first rank of each stage's data-parallel mesh, one folder per stage."""
 
     @property
     def expert_parallel(self) -> bool:
@@ -124,16 +159,24 @@ class PlanSpec:
         axes = mesh_axes(parallel_dims, spmd_backend=parallelism.spmd_backend)
         mesh = parallel_dims.get_mesh(list(axes) if len(axes) > 1 else next(iter(axes)))
         assert tuple(mesh.shape) == tuple(axes.values()), (mesh.shape, axes)
-        batch = global_batch(training, parallel_dims)
+        batch = global_batch(training, parallel_dims, parallelism)
+        stage = Stage.of(model) if parallel_dims.pp > 1 else None
         vocab_size = model.config.vocab_size
         mesh_device = torch.device(mesh.device_type)
 
         def input_fn():
             # Global shapes of one microbatch, called as the Trainer calls the model:
-            # model(tokens, positions=positions), positions int64 like the dataloader's.
-            tokens = torch.randint(0, vocab_size, (batch, training.seq_len), device=mesh_device)
+            # model(tokens, positions=positions), positions int64 like the dataloader's. A
+            # pipeline stage but the first takes the previous stage's hidden states, which
+            # require grad: PipelineStage sends their gradient back.
+            if stage is None or stage.first:
+                first = torch.randint(0, vocab_size, (batch, training.seq_len), device=mesh_device)
+            else:
+                shape = (batch, training.seq_len, model.config.dim)
+                dtype = TORCH_DTYPE_MAP[training.dtype]
+                first = torch.randn(shape, device=mesh_device, dtype=dtype, requires_grad=True)
             positions = torch.arange(training.seq_len, device=mesh_device).repeat(batch, 1)
-            return ForwardInputs(args=(tokens,), kwargs={"positions": positions})
+            return ForwardInputs(args=(first,), kwargs={"positions": positions})
 
         param_dtype = TORCH_DTYPE_MAP[training.mixed_precision_param]
         reduce_dtype = TORCH_DTYPE_MAP[training.mixed_precision_reduce]
@@ -164,8 +207,12 @@ class PlanSpec:
                 parallelism.fsdp_reshard_after_forward, parallel_dims.pp_enabled
             ),
             input_placement=tuple(Shard(0) if a in DATA_AXES else Replicate() for a in axes),
+            # A stage but the last returns hidden states: the batch on the data axes, whole
+            # on tp.
             logits_placement=tuple(
-                Shard(0) if a in DATA_AXES else (Shard(2) if vocab_parallel else Replicate())
+                Shard(0)
+                if a in DATA_AXES
+                else (Shard(2) if vocab_parallel and (stage is None or stage.last) else Replicate())
                 for a in axes
             ),
             memory_bounds=memory_bounds(config, parallel_dims),
@@ -176,10 +223,13 @@ class PlanSpec:
                 training=training,
                 parallelism=parallelism,
                 config=config,
+                stage=stage,
             ),
-            dump=os.path.join(dump_folder, "autoparallel"),
+            dump=os.path.join(dump_folder, "autoparallel", *([stage.name] if stage else [])),
             compile=compile_model,
             ac=ac_config is not None,
+            stage=stage,
+            writes=is_rank0() if stage is None else all(r == 0 for r in mesh.get_coordinate()),
         )
 
 
@@ -204,15 +254,12 @@ def mesh_axes(parallel_dims, *, spmd_backend: str) -> dict[str, int]:
 
 def check_parallel_dims(parallel_dims) -> None:
     """ValueError for the degrees AutoParallel does not plan here."""
-    unplanned = {
-        "pipeline_parallel_degree": parallel_dims.pp,
-        "context_parallel_degree": parallel_dims.cp,
-    }
+    unplanned = {"context_parallel_degree": parallel_dims.cp}
     unplanned = {name: degree for name, degree in unplanned.items() if degree > 1}
     if unplanned:
         given = ", ".join(f"--parallelism.{name} {degree}" for name, degree in unplanned.items())
         raise ValueError(
-            f"AliasAwareAutoParallel plans data, tensor and expert parallelism only, not "
+            f"AliasAwareAutoParallel plans data, tensor, expert and pipeline parallelism, not "
             f"{given}: set them to 1, or use torchtitan's parallelization "
             "(--parallelize torchtitan)"
         )
@@ -253,12 +300,16 @@ def placement_path(config, dump_folder: str) -> str:
     return path
 
 
-def global_batch(training, parallel_dims) -> int:
-    """Rows of one microbatch over all data-parallel ranks."""
-    return training.local_batch_size * parallel_dims.dp_replicate * parallel_dims.dp_shard
+def global_batch(training, parallel_dims, parallelism) -> int:
+    """Rows of one microbatch over all data-parallel ranks. Under PP a stage runs one
+    pipeline microbatch at a time (pipeline_parallel_microbatch_size rows a rank)."""
+    rows = training.local_batch_size
+    if parallel_dims.pp > 1:
+        rows = parallelism.pipeline_parallel_microbatch_size
+    return rows * parallel_dims.dp_replicate * parallel_dims.dp_shard
 
 
-def plan_key(*, model_config, parallel_dims, training, parallelism, config) -> dict:
+def plan_key(*, model_config, parallel_dims, training, parallelism, config, stage=None) -> dict:
     """What a solution is valid for: the model (its config, after update_from_config), the
     mesh, the global input shapes, the dtypes, the constraints, and the engine versions
     (AutoParallel's: a digest of its installed source). Written into placement files; a
@@ -269,7 +320,7 @@ def plan_key(*, model_config, parallel_dims, training, parallelism, config) -> d
         "model": f"{type(model_config).__qualname__} "
         f"{hashlib.sha256(model.encode()).hexdigest()[:16]}",
         "mesh": mesh_axes(parallel_dims, spmd_backend=parallelism.spmd_backend),
-        "inputs": [global_batch(training, parallel_dims), training.seq_len],
+        "inputs": [global_batch(training, parallel_dims, parallelism), training.seq_len],
         "dtypes": {
             "param": training.mixed_precision_param,
             "reduce": training.mixed_precision_reduce,
@@ -280,6 +331,8 @@ def plan_key(*, model_config, parallel_dims, training, parallelism, config) -> d
         "parallel_matmuls": config.parallel_matmuls,
         "torch": torch.__version__,
         "autoparallel": autoparallel_version(),
+        # Each pipeline stage is a plan of its own (graph cache entries).
+        **({"pp": parallel_dims.pp, "stage": stage.name} if stage is not None else {}),
     }
 
 
@@ -310,6 +363,8 @@ def check_before_launch(config, parallel_dims) -> None:
             "deepseek_v3_debugmodel_autoparallel, ...) or expert_parallel_degree 1"
         )
     memory_bounds(config.autoparallel, parallel_dims)  # raises if out of order
+    if parallel_dims.pp > 1:
+        check_pipeline(config)
     require_autoparallel()
     path = placement_path(config.autoparallel, config.dump_folder)
     if path and os.path.exists(path):
@@ -322,3 +377,39 @@ def check_before_launch(config, parallel_dims) -> None:
 def parameter_ranks(model) -> dict[str, int]:
     """Every parameter FQN of ``model`` (alias names too) -> its number of dims."""
     return {fqn: p.dim() for fqn, p in model.named_parameters(remove_duplicate=False)}
+
+
+# Schedules that split each backward into an input-gradient and a weight-gradient pass.
+# AutoParallel's stage backward is one compiled autograd node: it cannot be split.
+_SPLIT_BACKWARD_SCHEDULES = ("ZBVZeroBubble", "DualPipeV", "InterleavedZeroBubble")
+
+
+def check_pipeline(config) -> None:
+    """ValueError for what pipeline parallelism through AutoParallel does not do yet."""
+    pp = f"--parallelism.pipeline_parallel_degree {config.parallelism.pipeline_parallel_degree}"
+    schedule = config.parallelism.pipeline_parallel_schedule
+    if getattr(config.model_spec.model, "enable_weight_tying", False):
+        raise ValueError(
+            f"{pp}: this config ties its embeddings, which torchtitan 0.3.0 refuses with "
+            "pipeline parallelism: use an untied config (llama3_debugmodel_untied_autoparallel)"
+            " or pipeline_parallel_degree 1"
+        )
+    if schedule in _SPLIT_BACKWARD_SCHEDULES:
+        raise ValueError(
+            f"{pp}: --parallelism.pipeline_parallel_schedule {schedule} splits each backward "
+            "into input and weight gradients, which AutoParallel's compiled stage backward "
+            "cannot: use GPipe, 1F1B or Interleaved1F1B"
+        )
+    given = [
+        flag
+        for flag, value in (
+            ("--autoparallel.placement_file", config.autoparallel.placement_file),
+            ("--autoparallel.dump_placements", config.autoparallel.dump_placements),
+        )
+        if value
+    ]
+    if given:
+        raise ValueError(
+            f"{pp}: {' and '.join(given)} hold one plan, and each pipeline stage has its own: "
+            "leave them unset"
+        )
