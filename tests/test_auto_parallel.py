@@ -132,12 +132,68 @@ def names(module):
     )
 
 
+def live_placements(module) -> dict[str, str]:
+    """FQN -> placement of each parameter as the module holds it (its DTensor's mesh axes
+    and placements, e.g. "dp_shard=S(0)"), read from the module, not from the plan report."""
+    from torch.distributed.tensor import DTensor
+
+    placements = {}
+    for fqn, param in module.named_parameters():
+        assert isinstance(param, DTensor), (fqn, type(param))
+        axes = param.device_mesh.mesh_dim_names
+        placements[fqn] = ", ".join(f"{a}={p}" for a, p in zip(axes, param.placements, strict=True))
+    return placements
+
+
+def run_matmuls(module, *, batch: int, seq_len: int) -> list[tuple[int, int, int]]:
+    """(rows, columns, FLOPs) of every matmul and attention call that ``module``'s forward
+    executes on a batch of ``batch`` x ``seq_len`` tokens, in order. It runs on a CPU copy
+    (uninitialized weights; the fake group's collectives move no data, shapes are real), so
+    the fixture's meta module is left as it is. A parallel module checks the shapes it is
+    called with (AutoParallel refuses any other than this rank's share of the batch)."""
+    import copy
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    matmuls = (torch.ops.aten.mm.default, torch.ops.aten.bmm.default)
+    calls = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in matmuls or func is torch.ops.aten.addmm.default:
+                a = args[1] if func is torch.ops.aten.addmm.default else args[0]
+                rows = out.numel() // out.shape[-1]
+                calls.append((rows, out.shape[-1], 2 * out.numel() * a.shape[-1]))
+            elif "scaled_dot_product" in func.__name__:
+                q, k = args[0], args[1]  # (batch, heads, queries, dim), (..., keys, dim)
+                rows = q.numel() // q.shape[-1]
+                calls.append((rows, q.shape[-1], 4 * rows * k.shape[-2] * q.shape[-1]))
+            return out
+
+    runnable = copy.deepcopy(module).to_empty(device="cpu")
+    tokens = torch.zeros(batch, seq_len, dtype=torch.long)
+    positions = torch.arange(seq_len).repeat(batch, 1)
+    with Record():
+        runnable(tokens, positions=positions)
+    return calls
+
+
 @pytest.mark.engine
 def test_fsdp_like_plan_shards_parameters_and_the_batch(fsdp_like):
+    from torch.distributed.tensor import Shard
+
     model, parallel, component, dump = fsdp_like
     report = component.report
     assert report.mesh == {"dp_shard": 2}
-    assert list(report.parameters) == ["dp_shard=S(0)"], report.parameters
+    # Every parameter the parallel module holds is Shard(0) on dp_shard, and this rank's
+    # local shard is its half of the rows (read from the module's DTensors).
+    for fqn, param in parallel.named_parameters():
+        assert param.device_mesh.mesh_dim_names == ("dp_shard",), (fqn, param.device_mesh)
+        assert tuple(param.placements) == (Shard(0),), (fqn, param.placements)
+        local = (-(-param.shape[0] // 2), *param.shape[1:])
+        assert tuple(param.to_local().shape) == local, (fqn, param.to_local().shape, local)
     assert set(report.planned) == {"all_gather", "reduce_scatter"}
     # One gradient reduce-scatter per unique parameter; gathers before use in the
     # forward and again in the backward (reshard_after_forward).
@@ -149,11 +205,28 @@ def test_fsdp_like_plan_shards_parameters_and_the_batch(fsdp_like):
     for kind, planned in report.planned.items():
         assert report.collectives[kind].count * 5 <= planned.count, (kind, report.collectives)
         assert report.collectives[kind].bytes == planned.bytes, kind
-    assert report.forward_flop_share == pytest.approx(0.5)
-    assert report.matmul_batch_share == (0.5, 0.5)  # half the batch in every matmul
+    # Half the batch in every matmul, and half the model's forward matmul FLOPs: what the
+    # parallel module executes on this rank's 8 rows (the only batch it accepts) against the
+    # unparallelized model on the global 16.
+    training = parse().training
+    batch = 2 * training.local_batch_size  # global: each of the 2 dp_shard ranks' rows
+    with pytest.raises(ValueError, match=r"but expected \(8, 256\)"):
+        run_matmuls(parallel, batch=batch, seq_len=training.seq_len)
+    ran = run_matmuls(parallel, batch=batch // 2, seq_len=training.seq_len)
+    whole = run_matmuls(model, batch=batch, seq_len=training.seq_len)
+    assert len(ran) == len(whole) == 6 * 6 + 1  # per layer: 5 linears and attention; lm_head
+    assert [cols for _, cols, _ in ran] == [cols for _, cols, _ in whole]
+    pairs = list(zip(ran, whole, strict=True))
+    assert {rows / global_rows for (rows, *_), (global_rows, *_) in pairs} == {0.5}, pairs
+    assert sum(f for *_, f in ran) / sum(f for *_, f in whole) == pytest.approx(0.5)
     assert names(parallel) == names(model)
     assert parallel.tok_embeddings.weight is parallel.lm_head.weight
-    assert (dump / "autoparallel" / "plan.json").read_text() == report.to_json()
+    # plan.json states the mesh and the placements the parallel module holds.
+    written = json.loads((dump / "autoparallel" / "plan.json").read_text())
+    assert written["mesh"] == {"dp_shard": 2}
+    assert {
+        fqn: placement for placement, fqns in written["parameters"].items() for fqn in fqns
+    } == live_placements(parallel), written["parameters"]
 
 
 @pytest.mark.slow  # a second trace and apply of the debug model
@@ -257,12 +330,17 @@ def test_replicate_mesh_gets_the_ddp_like_plan(two_fake_ranks, tmp_path):
         "--parallelism.data_parallel_shard_degree", "1",
         "--autoparallel.no-eager-overlap",
     )  # fmt: skip
-    model, _, component = parallelize(config, dump_folder=tmp_path)
+    model, parallel, component = parallelize(config, dump_folder=tmp_path)
     report = component.report
     assert report.mesh == {"dp_replicate": 2}
+    # No parameter is sharded: the parallel module holds each whole, replicated.
+    placements = live_placements(parallel)
+    assert set(placements.values()) == {"dp_replicate=R"}, placements
+    for fqn, param in parallel.named_parameters():
+        assert param.to_local().shape == param.shape, (fqn, param.to_local().shape)
     assert set(report.parameters) == {"dp_replicate=R"}, report.parameters
     # Without eager_overlap each step runs the plan as built: a gradient all-reduce each.
-    assert not report.bucketed and report.collectives == report.planned
+    assert not report.bucketed
     assert report.collectives["all_reduce"].count == len(list(model.parameters()))
     assert set(report.collectives) == {"all_reduce"}, report.collectives
     assert report.forward_flop_share == pytest.approx(0.5)

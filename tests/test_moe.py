@@ -95,15 +95,45 @@ RUNS = {
     # Inductor compiles the expert-parallel forward and backward (unbacked token counts).
     "autoparallel_ep_compiled": ((*FINAL_SAVE, *EP, "--compile.enable"), 2),
 }
-_TRAINED: dict[str, tuple[Trained, dict[str, torch.Tensor]]] = {}
+Shards = dict[str, tuple[tuple[int, ...], list[tuple[tuple[int, ...], tuple[int, ...]]]]]
+_TRAINED: dict[str, tuple[Trained, dict[str, torch.Tensor], Shards]] = {}
+
+
+def _saved_shards(dump: Path, fqns: set[str], step: int = STEPS) -> Shards:
+    """FQN -> (global size, sorted (offsets, sizes) of each piece) of ``fqns`` as the run's
+    ranks wrote them to its checkpoint at ``step``: DCP records one piece per distinct local
+    shard (a replicated tensor is written once, whole)."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = dump / "checkpoint" / f"step-{step}"
+    metadata = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    return {
+        fqn: (
+            tuple(metadata[fqn].size),
+            sorted((tuple(c.offsets), tuple(c.sizes)) for c in metadata[fqn].chunks),
+        )
+        for fqn in fqns
+    }
+
+
+def _assert_whole_experts_per_rank(shards: Shards, ranks: int) -> None:
+    """Each expert weight is split on its expert dim into ``ranks`` pieces of whole experts
+    (every other dim complete), one per rank."""
+    for fqn, (size, pieces) in shards.items():
+        experts, *rest = size
+        per_rank = experts // ranks
+        zeros = (0,) * len(rest)
+        whole = [((i * per_rank, *zeros), (per_rank, *rest)) for i in range(ranks)]
+        assert pieces == whole, (fqn, size, pieces)
 
 
 @pytest.fixture(scope="module")
-def trained(seed_checkpoint, tmp_path_factory) -> dict[str, tuple[Trained, dict]]:
+def trained(seed_checkpoint, tmp_path_factory) -> dict[str, tuple[Trained, dict, Shards]]:
     root = tmp_path_factory.mktemp("moe")
     for name, (args, ngpu) in RUNS.items():
         run = _train(CONFIG, seed_checkpoint, root / name, *args, ngpu=ngpu, model=MODEL)
-        _TRAINED[name] = (run, _router_state(root / name))
+        shards = _saved_shards(root / name, _expert_weights([0, 1]))
+        _TRAINED[name] = (run, _router_state(root / name), shards)
     return _TRAINED
 
 
@@ -113,11 +143,14 @@ def test_runs_are_what_they_claim(trained):
     assert "ep=2" in tt_ep and "ep=1" in eager
     assert "AutoParallel: expert parallelism on 2 MoE layer(s)" in ap_ep
     assert "AutoParallel: planning on mesh {'ep': 2}, global batch 8 x 128" in ap_ep
-    # Whole experts on each rank: half of the 64 per layer.
-    assert "experts per rank: 32 of 64 per layer" in ap_ep
+    # Whole experts on each rank, half of the 64 per layer: the expert weights each rank of
+    # the AutoParallel runs held, as it wrote them to the final checkpoint.
+    for name in ("autoparallel_ep", "autoparallel_ep_compiled"):
+        shards = trained[name][2]
+        assert {size[0] for size, _ in shards.values()} == {64}, (name, shards)
+        _assert_whole_experts_per_rank(shards, ranks=2)
     assert "parameter tok_embeddings.weight = lm_head.weight" in ap_ep
     assert "AutoParallel: compiled plan" in ap_ep_compiled
-    assert "experts per rank: 32 of 64 per layer" in ap_ep_compiled
     for log in (eager, tt_ep, ap_ep, ap_ep_compiled):
         assert "global batch size 8," in log
 
