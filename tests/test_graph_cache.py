@@ -4,6 +4,7 @@ to what the graphs depend on misses."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import pickle
 import stat
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -298,6 +300,46 @@ def test_every_input_of_the_graphs_changes_the_key(two_fake_ranks, monkeypatch, 
     assert start_key() == base
 
 
+def count_phases(m: pytest.MonkeyPatch) -> tuple[Counter, list]:
+    """Count, until ``m`` is undone, the calls of what a cold start runs: AutoParallel
+    built ("autoparallel"), its trace ("trace"), solve ("solve") and apply ("apply"),
+    Inductor compiling a graph ("inductor": compile_fx_inner, which compiler.py looks up in
+    torch._inductor.compile_fx at each compile), and what a warm start runs instead: the
+    graph cache rebuilding the parallel module ("rebuild"), whose results the list holds.
+    Each wrapper calls the real function."""
+    import torch._inductor.compile_fx as compile_fx
+    from autoparallel.api import AutoParallel
+
+    calls: Counter = Counter()
+    rebuilt: list = []
+
+    def counted(owner, name: str, phase: str, results: list | None = None) -> None:
+        real = getattr(owner, name)
+
+        @functools.wraps(real)
+        def wrapper(*args, **kwargs):
+            calls[phase] += 1
+            result = real(*args, **kwargs)
+            if results is not None:
+                results.append(result)
+            return result
+
+        m.setattr(owner, name, wrapper)
+
+    counted(AutoParallel, "__init__", "autoparallel")
+    counted(AutoParallel, "build_model_graph", "trace")
+    counted(AutoParallel, "optimize_placement", "solve")
+    counted(AutoParallel, "apply_placement", "apply")
+    counted(compile_fx, "compile_fx_inner", "inductor")
+    counted(graph_cache, "build_parallel_module", "rebuild", rebuilt)
+    return calls, rebuilt
+
+
+# What one start runs, eager (a compiled cold start also runs Inductor).
+COLD = {"autoparallel": 1, "trace": 1, "solve": 1, "apply": 1}
+WARM = {"rebuild": 1}
+
+
 def refuse_autoparallel(monkeypatch):
     from autoparallel.api import AutoParallel
 
@@ -312,17 +354,41 @@ def refuse_autoparallel(monkeypatch):
 def test_warm_start_rebuilds_the_module_without_autoparallel(
     two_fake_ranks, tmp_path, monkeypatch, caplog
 ):
-    model, cold, cold_component = plan_model(parse(), world_size=2, dump_folder=str(tmp_path))
+    with monkeypatch.context() as m:
+        calls, _ = count_phases(m)
+        model, cold, _ = plan_model(parse(), world_size=2, dump_folder=str(tmp_path))
     entries = list((tmp_path / "graph_cache").glob("*/rank0.pkl"))
     assert len(entries) == 1, entries
-    assert cold_component.times.trace > 0 and cold_component.times.graph_cache_load == 0
+    assert calls == COLD, calls
 
+    plan_json = tmp_path / "autoparallel" / "plan.json"
+    plan_json.unlink()  # the cold start's: the one read below is the warm start's
     with monkeypatch.context() as m:
         refuse_autoparallel(m)
-        _, warm, warm_component = plan_model(parse(), world_size=2, dump_folder=str(tmp_path))
-    times = warm_component.times
-    assert times.trace == times.solve == times.apply == 0 and times.graph_cache_load > 0
-    assert warm_component.report == cold_component.report
+        calls, rebuilt = count_phases(m)
+        _, warm, _ = plan_model(parse(), world_size=2, dump_folder=str(tmp_path))
+    assert calls == WARM, calls
+    assert rebuilt[0] is warm  # the module the graph cache rebuilt, not a traced one
+
+    # The warm module itself: each parameter's placements and this rank's shard of it are
+    # the cold module's (the plan shards some), and what the warm start's plan.json says
+    # of the parameters' placements is what the warm module's parameters have.
+    def shards(module):
+        return {
+            name: (tuple(t.placements), tuple(t.to_local().shape))
+            for name, t in module.named_parameters(remove_duplicate=False)
+        }
+
+    assert shards(warm) == shards(cold)
+    assert any(t.to_local().shape != t.shape for t in cold.parameters())  # some sharded
+    plan = json.loads(plan_json.read_text())
+    mesh = next(warm.parameters()).device_mesh
+    assert plan["mesh"] == dict(zip(mesh.mesh_dim_names, mesh.shape, strict=True))
+    live: dict[str, list[str]] = {}
+    for name, t in warm.named_parameters():
+        placements = zip(mesh.mesh_dim_names, t.placements, strict=True)
+        live.setdefault(", ".join(f"{a}={p}" for a, p in placements), []).append(name)
+    assert plan["parameters"] == live
     assert type(warm).__mro__[1] is type(model)  # AutoParallel's ParallelModule(model class)
 
     def tensors(module):
@@ -374,42 +440,50 @@ def test_warm_start_rebuilds_the_module_without_autoparallel(
     # An unusable entry is a warning and a miss (a cold start that saves a good entry), not
     # a failure.
     entries[0].write_bytes(b"not an entry")
-    with caplog.at_level(logging.WARNING):
-        _, again, again_component = plan_model(parse(), world_size=2, dump_folder=str(tmp_path))
-    assert again_component.times.trace > 0
+    with caplog.at_level(logging.WARNING), monkeypatch.context() as m:
+        calls, _ = count_phases(m)
+        _, again, _ = plan_model(parse(), world_size=2, dump_folder=str(tmp_path))
+    assert calls == COLD, calls
     assert f"graph cache entry {entries[0]} not used: no graph cache header" in caplog.text
     with monkeypatch.context() as m:
         refuse_autoparallel(m)
-        _, _, rewritten = plan_model(parse(), world_size=2, dump_folder=str(tmp_path))
-    assert rewritten.times.graph_cache_load > 0
+        calls, rebuilt = count_phases(m)
+        _, rewritten, _ = plan_model(parse(), world_size=2, dump_folder=str(tmp_path))
+    assert calls == WARM and rebuilt[0] is rewritten, calls
 
 
 _SAME_STEP = r"""
-import os, sys, tempfile, torch, torch.distributed as dist
+import os, sys, tempfile, pytest, torch, torch.distributed as dist
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
 dist.init_process_group("gloo", rank=0, world_size=1)
 import config_registry
 from torchtitan.config import ConfigManager
 from torchtitan_ext.parallelize import plan_model
+from tests.test_graph_cache import COLD, WARM, count_phases
 results = []
 for start in ("cold", "warm"):
     config = ConfigManager().parse_args(
         ["--module", "config_registry", "--config", sys.argv[1], *sys.argv[4:]])
-    _, model, component = plan_model(config, world_size=1, dump_folder=sys.argv[3])
-    assert (component.times.trace > 0) == (start == "cold"), (start, component.times)
-    assert (component.times.compile > 0) == (start == "cold" and config.compile.enable)
-    model.to_empty(device="cpu")
-    torch.manual_seed(0)
-    with torch.no_grad():
-        model.init_weights(buffer_device=torch.device("cpu"))
-    torch.manual_seed(1)
-    tokens = torch.randint(0, config.model_spec.model.vocab_size, (8, config.training.seq_len))
-    positions = torch.arange(config.training.seq_len).repeat(8, 1)
-    logits = model(tokens, positions=positions)
-    logits.float().pow(2).mean().backward()
-    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
-    with torch.no_grad():
-        inference = model(tokens, positions=positions)
+    # Counted through the step: Inductor may compile the backward at the first backward.
+    with pytest.MonkeyPatch.context() as m:
+        calls, rebuilt = count_phases(m)
+        _, model, component = plan_model(config, world_size=1, dump_folder=sys.argv[3])
+        model.to_empty(device="cpu")
+        torch.manual_seed(0)
+        with torch.no_grad():
+            model.init_weights(buffer_device=torch.device("cpu"))
+        torch.manual_seed(1)
+        tokens = torch.randint(0, config.model_spec.model.vocab_size, (8, config.training.seq_len))
+        positions = torch.arange(config.training.seq_len).repeat(8, 1)
+        logits = model(tokens, positions=positions)
+        logits.float().pow(2).mean().backward()
+        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+        with torch.no_grad():
+            inference = model(tokens, positions=positions)
+    compiled = calls.pop("inductor", 0)
+    print(f"CALLS {start}: {dict(calls)}, inductor {compiled}")
+    assert calls == (COLD if start == "cold" else WARM), (start, calls)
+    assert (compiled > 0) == (start == "cold" and config.compile.enable), (start, compiled)
     results.append((logits.detach(), grads, inference))
 (logits, grads, inference), (warm_logits, warm_grads, warm_inference) = results
 assert torch.equal(logits, warm_logits)
@@ -457,3 +531,4 @@ def test_warm_module_computes_what_the_cold_one_does(config, flags, tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "GRADS" in proc.stdout
+    assert "CALLS warm: {'rebuild': 1}, inductor 0" in proc.stdout, proc.stdout[-2000:]
