@@ -1,6 +1,6 @@
-"""The graph cache (torchtitan_ext/graph_cache.py): a warm start rebuilds the parallel model
-without AutoParallel, the rebuilt model computes what the traced one does, and any change
-to what the graphs depend on misses."""
+"""The graph cache (torchtitan_ext/parallelize/graph_cache.py): a warm start rebuilds the
+parallel model without AutoParallel, the rebuilt model computes what the traced one does,
+and any change to what the graphs depend on misses."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from tests.support.integration.checks import (
 DEBUG = "llama3_debugmodel_autoparallel"
 SHARED_ROPE = "llama3_debugmodel_shared_rope_autoparallel"
 
-# The component's log lines (torchtitan_ext/auto_parallel.py): aliases captured, the
+# The component's log lines (torchtitan_ext/parallelize/): aliases captured, the
 # parallel model's names checked against the original's, and the plan report.
 NAMES_MATCH = r"AutoParallel: \d+ parameter, \d+ buffer and \d+ state_dict names match the original"
 TIED_CAPTURED = r"parameter tok_embeddings\.weight = lm_head\.weight"
