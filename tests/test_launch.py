@@ -193,9 +193,8 @@ def test_unknown_comm_mode_is_refused_by_the_launcher(tmp_path, monkeypatch, cap
 def _assert_refused_in_process(monkeypatch, capsys, *, env, args, expected, lines=2) -> None:
     """launch.main in this process: exit 1, at most ``lines`` lines holding ``expected``,
     no launch."""
-    for name, value in env.items():
+    for name, value in {"CONFIG": "llama3_debugmodel_autoparallel", **env}.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setenv("CONFIG", "llama3_debugmodel_autoparallel")
     # Launching (torchrun, or COMM_MODE's training process) would raise TypeError.
     monkeypatch.setattr(launch, "_start", None)
     assert launch.main(list(args)) == 1

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.training import run_train
+from tests.test_launch import _assert_refused_in_process
 from tests.test_parity import SEED, _train, parity_problems
-from torchtitan_ext import launch
 
 UNTIED = "llama3_debugmodel_untied_autoparallel"
 PP2 = (
@@ -41,13 +41,13 @@ REFUSED = {
 @pytest.mark.parametrize("case", list(REFUSED))
 def test_what_pipeline_parallelism_does_not_do_yet_is_refused(case, tmp_path, monkeypatch, capsys):
     config, args, expected = REFUSED[case]
-    for name, value in {"NGPU": "2", "LOG_RANK": "0", "COMM_MODE": "", "CONFIG": config}.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr(launch, "_start", None)  # launching would raise TypeError
-    assert launch.main([f"--dump_folder={tmp_path}", *PP2, *args]) == 1
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1, err
-    assert "--parallelism.pipeline_parallel_degree 2: " in err and expected in err, err
+    _assert_refused_in_process(
+        monkeypatch, capsys,
+        env={"NGPU": "2", "LOG_RANK": "0", "COMM_MODE": "", "CONFIG": config},
+        args=(f"--dump_folder={tmp_path}", *PP2, *args),
+        expected=("--parallelism.pipeline_parallel_degree 2: ", expected),
+        lines=1,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")

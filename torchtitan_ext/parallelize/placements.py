@@ -133,11 +133,8 @@ def _body_problems(data: dict, *, parameters: dict[str, int], mesh_ndim: int) ->
             problems.append(f"{fqn} is not a parameter of this model")
         elif parameters[fqn] != rank:
             problems.append(f"{fqn} has {parameters[fqn]} dims, not {rank}")
-        output = (
-            placements.get(node, {}).get("output")
-            if isinstance(placements.get(node), dict)
-            else None
-        )
+        placed = placements.get(node)
+        output = placed.get("output") if isinstance(placed, dict) else None
         if output is None:
             problems.append(f"{fqn} ({node}) has no placement")
             continue
