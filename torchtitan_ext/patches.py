@@ -14,8 +14,9 @@ Called by torchtitan_ext.cpu.install_runtime (CPU only):
 - ``autoparallel_on_cpu``: AutoParallel's cost model and DTensor strategies on CPU
 - ``inductor_overlap_on_cpu``: Inductor's overlap scheduler without a GPU
 - ``SumReductionParallelize``: torchtitan's FSDP on gloo
-Called by the Trainer: ``before_clip_grad_norm`` (torchtitan's seam between backward and
-clipping). Not here: torchtitan_ext.train's main() sets torchtitan.train.ConfigManager, the
+Called by the Trainer: ``clip_grad_norm_seam`` (torchtitan's seam between backward and
+clipping), ``tied_embeddings_with_pipeline`` (torchtitan's refusal of tied embeddings with
+pipeline parallelism). Not here: torchtitan_ext.train's main() sets torchtitan.train.ConfigManager, the
 hook torchtitan's entry point builds its config through.
 """
 
@@ -403,21 +404,43 @@ def recording_overlap_schedule(record: Callable[[torch.fx.Graph], None]) -> Iter
 
 
 @contextlib.contextmanager
-def before_clip_grad_norm(hook: Callable[[], None]) -> Iterator[None]:
-    """Run ``hook`` when torchtitan's train_step reaches gradient clipping: it runs backward,
-    clipping and the optimizer step in one method, whose one seam between backward and
-    clipping is its call of dist_utils.clip_grad_norm_. Goes when torchtitan's Trainer has
-    a hook there."""
+def clip_grad_norm_seam(clip: Callable[..., torch.Tensor]) -> Iterator[None]:
+    """Have torchtitan's train_step call ``clip(clip_grad_norm_, *args, **kwargs)`` where it
+    calls dist_utils.clip_grad_norm_: train_step runs backward, clipping and the optimizer
+    step in one method, whose one seam between backward and clipping is that call. Goes when
+    torchtitan's Trainer has a hook there."""
     from torchtitan.distributed import utils as dist_utils
 
     clip_grad_norm = dist_utils.clip_grad_norm_
-
-    def hook_then_clip(*args, **kwargs):
-        hook()
-        return clip_grad_norm(*args, **kwargs)
-
-    dist_utils.clip_grad_norm_ = hook_then_clip
+    dist_utils.clip_grad_norm_ = functools.partial(clip, clip_grad_norm)
     try:
         yield
     finally:
         dist_utils.clip_grad_norm_ = clip_grad_norm
+
+
+@contextlib.contextmanager
+def tied_embeddings_with_pipeline() -> Iterator[None]:
+    """Let a config that ties its embeddings pass torchtitan 0.3.0's model-config check
+    under pipeline parallelism (Decoder.Config.update_from_config raises
+    NotImplementedError: torchtitan's stages would each train their own copy). The
+    AutoParallel Trainer keeps the copies one tensor (torchtitan_ext.tied_stages). Goes
+    when torchtitan supports weight tying with pipeline parallelism (pytorch/torchtitan
+    #1409)."""
+    from torchtitan.models.common.decoder import Decoder
+
+    update_from_config = Decoder.Config.update_from_config
+
+    def update_untied(self, *, config, **kwargs) -> None:
+        tied = self.enable_weight_tying
+        self.enable_weight_tying = False
+        try:
+            update_from_config(self, config=config, **kwargs)
+        finally:
+            self.enable_weight_tying = tied
+
+    Decoder.Config.update_from_config = update_untied
+    try:
+        yield
+    finally:
+        Decoder.Config.update_from_config = update_from_config

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -22,6 +23,7 @@ from torchtitan_ext import assets, benign_warnings, cpu, patches
 from torchtitan_ext.aliases import storage_bytes
 from torchtitan_ext.dump_folder import write_whole, written_whole
 from torchtitan_ext.parallelize import AliasAwareAutoParallel
+from torchtitan_ext.tied_stages import TiedStages
 
 # c10d op (what the program asks for) -> collective kind, for Trainer's collective count.
 # The backend events ("gloo:all_reduce", "nccl:all_gather"...) carry the payload; gloo runs
@@ -94,13 +96,19 @@ class Trainer(TitanTrainer):
     def train_step(self, data_iterator):
         first = self._state_bytes is None
         with contextlib.ExitStack() as stack:
-            if self.step == self.config.grad_dump_step:
-                stack.enter_context(patches.before_clip_grad_norm(self._dump_gradients))
+            stack.enter_context(patches.clip_grad_norm_seam(self._clip_grad_norm))
             if self.step == self.config.profile_step:
                 stack.enter_context(self._profile_step())
             super().train_step(data_iterator)
         if first:
             self._record_state_bytes()
+
+    def _clip_grad_norm(self, clip, parameters, *args, **kwargs) -> torch.Tensor:
+        """torchtitan's clip_grad_norm_ (``clip``), after the backward: the gradients are
+        dumped here at grad_dump_step."""
+        if self.step == self.config.grad_dump_step:
+            self._dump_gradients()
+        return clip(parameters, *args, **kwargs)
 
     @contextlib.contextmanager
     def _profile_step(self):
@@ -223,3 +231,31 @@ class AutoParallelTrainer(Trainer):
                 model_spec = dataclasses.replace(self.model_spec, parallelize_fn=component)
                 config = dataclasses.replace(self, model_spec=model_spec)
             return Configurable.Config.build(config, **kwargs)
+
+    def __init__(self, config: Config):
+        self.tied_stages: TiedStages | None = None
+        """Tied embeddings split by pipeline stages: this rank's copy and its tie group."""
+        tied_across_stages = (
+            config.parallelize == "autoparallel"
+            and config.parallelism.pipeline_parallel_degree > 1
+            and getattr(config.model_spec.model, "enable_weight_tying", False)
+        )
+        with (
+            patches.tied_embeddings_with_pipeline()
+            if tied_across_stages
+            else contextlib.nullcontext()
+        ):
+            super().__init__(config)
+        if tied_across_stages:
+            self.tied_stages = TiedStages.of(
+                self.model_parts, pp_mesh=self.parallel_dims.get_mesh("pp")
+            )
+            if self.tied_stages is not None:
+                self.tied_stages.sync_values()
+
+    def _clip_grad_norm(self, clip, parameters, *args, **kwargs) -> torch.Tensor:
+        # The tied gradient is summed before it is dumped or clipped.
+        if self.tied_stages is not None:
+            self.tied_stages.sum_gradients()
+            clip = functools.partial(self.tied_stages.clip, clip)
+        return super()._clip_grad_norm(clip, parameters, *args, **kwargs)

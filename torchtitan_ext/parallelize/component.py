@@ -152,6 +152,11 @@ class AliasAwareAutoParallel(Configurable):
             ac_config=ac_config,
             dump_folder=dump_folder,
         )
+        if getattr(model, "enable_weight_tying", False) and spec.stage is not None:
+            # torchtitan's init_states re-ties tok_embeddings to lm_head, and a stage lacks
+            # one or both (the Trainer keeps the two stages' copies equal: tied_stages).
+            assert not (spec.stage.first and spec.stage.last), spec.stage
+            model.enable_weight_tying = False
         patches.reset_autoparallel_caches()
         times = PhaseTimes()
         aliases = AliasGuard(model, check=config.alias_check, times=times)

@@ -1,9 +1,9 @@
 """The solver's constraints: what every plan must satisfy beyond AutoParallel's cost model.
 
 ``constrain`` adds them all to a traced AutoParallel: input and logits placements, the
-parameter memory bounds, one placement per alias group, replicated MoE router state,
-HSDP's replicated parameters, and (parallel_matmuls) forward matmuls that compute only this
-rank's share. AutoParallel's public add_node_constraint takes one placement for the whole
+parameter memory bounds, one placement per alias group, Shard(0) for embeddings tied across
+pipeline stages, replicated MoE router state, HSDP's replicated parameters, and
+(parallel_matmuls) forward matmuls that compute only this rank's share. AutoParallel's public add_node_constraint takes one placement for the whole
 mesh; ``_keep_strategies`` uses the optimizer's underlying constraint, which allows several.
 """
 
@@ -34,6 +34,8 @@ def constrain(autop, spec: PlanSpec, *, alias_map: AliasMap, parallel_matmuls: b
     _replicate_router_state(autop)
     if "dp_replicate" in spec.axes and len(spec.axes) > 1:
         _replicate_parameters(autop, axis=spec.axes.index("dp_replicate"))
+    if spec.stage is not None and spec.stage.tied:
+        _shard_tied_copy(autop, spec.stage.tied)
     if parallel_matmuls:
         _constrain_matmuls(autop, axes=spec.axes, batch=spec.batch)
 
@@ -77,6 +79,21 @@ def _replicate_parameters(autop, *, axis: int) -> None:
             lambda placements: placements[axis] == Replicate(),
             name="replicate_parameter",
         )
+
+
+def _shard_tied_copy(autop, fqn: str) -> None:
+    """Place a stage's copy of embeddings tied across pipeline stages Shard(0) on every mesh
+    axis, as the other stage's copy: the two ranks of a tie group then hold the same rows,
+    and torchtitan_ext.tied_stages sums their gradients shard by shard."""
+    from torch._functorch._aot_autograd.fx_utils import get_named_param_nodes
+
+    opt = autop.sharding_optimizer
+    _keep_strategies(
+        opt,
+        opt._normalize_node(get_named_param_nodes(opt.graph)[fqn]),
+        lambda placements: all(p == Shard(0) for p in placements),
+        name="shard_tied_copy",
+    )
 
 
 def _replicate_router_state(autop) -> None:

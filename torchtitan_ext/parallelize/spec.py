@@ -85,6 +85,9 @@ class Stage:
     last: bool
     """It computes the logits (lm_head); the others return hidden states."""
     layers: tuple[str, ...]
+    tied: str | None
+    """The model ties tok_embeddings.weight to lm_head.weight and this stage holds one of
+    them (its FQN), kept equal to the other stage's copy (torchtitan_ext.tied_stages)."""
 
     @property
     def name(self) -> str:
@@ -97,10 +100,13 @@ class Stage:
 
     @classmethod
     def of(cls, model) -> Stage:
+        first = getattr(model, "tok_embeddings", None) is not None
+        last = getattr(model, "lm_head", None) is not None
+        tied = None
+        if getattr(model, "enable_weight_tying", False) and first != last:
+            tied = "tok_embeddings.weight" if first else "lm_head.weight"
         return cls(
-            first=getattr(model, "tok_embeddings", None) is not None,
-            last=getattr(model, "lm_head", None) is not None,
-            layers=tuple(getattr(model, "layers", {}).keys()),
+            first=first, last=last, layers=tuple(getattr(model, "layers", {}).keys()), tied=tied
         )
 
 
@@ -388,12 +394,6 @@ def check_pipeline(config) -> None:
     """ValueError for what pipeline parallelism through AutoParallel does not do yet."""
     pp = f"--parallelism.pipeline_parallel_degree {config.parallelism.pipeline_parallel_degree}"
     schedule = config.parallelism.pipeline_parallel_schedule
-    if getattr(config.model_spec.model, "enable_weight_tying", False):
-        raise ValueError(
-            f"{pp}: this config ties its embeddings, which torchtitan 0.3.0 refuses with "
-            "pipeline parallelism: use an untied config (llama3_debugmodel_untied_autoparallel)"
-            " or pipeline_parallel_degree 1"
-        )
     if schedule in _SPLIT_BACKWARD_SCHEDULES:
         raise ValueError(
             f"{pp}: --parallelism.pipeline_parallel_schedule {schedule} splits each backward "
