@@ -19,6 +19,9 @@ file as ``sitecustomize`` at start-up; the environment says which fault, if any:
   did before torchtitan_ext declared them partial), so the plan drops their data-parallel
   reduction; ``drop_expert_grad_reduction_unchecked`` also turns off the start-up check
   that refuses such a plan, so the run trains with it.
+- ``TORCHTITAN_EXT_TEST_FAULT=skip_tied_grad_sum`` / ``skip_tied_init_sync`` (pipeline
+  parallelism): the Trainer leaves each pipeline stage's copy of the tied embeddings with
+  its own gradient (no sum across stages) / with its own stage's init.
 
 Without the variables nothing is patched. torch is not imported here (every process
 imports this file, torchrun's launcher too): each patch is applied when its module is
@@ -41,6 +44,8 @@ _FAULTS = (
     "drop_alias",
     "drop_expert_grad_reduction",
     "drop_expert_grad_reduction_unchecked",
+    "skip_tied_grad_sum",
+    "skip_tied_init_sync",
 )
 if _FAULT not in _FAULTS:
     raise ValueError(f"TORCHTITAN_EXT_TEST_FAULT must be one of {_FAULTS}, got {_FAULT!r}")
@@ -111,6 +116,15 @@ def _no_expert_gradient_check(module) -> None:
     module.check_expert_gradients = lambda *args, **kwargs: None
 
 
+def _tied_stages_fault(module) -> None:
+    method = "sum_gradients" if _FAULT == "skip_tied_grad_sum" else "sync_values"
+
+    def skipped(self):
+        print(f"[fault-shim] {_FAULT}: TiedStages.{method} skipped", flush=True)
+
+    setattr(module.TiedStages, method, skipped)
+
+
 _PATCHES = {}
 if _KILL_AT:
     _PATCHES["torch.distributed.checkpoint.filesystem"] = _kill_during_save
@@ -118,6 +132,8 @@ if _FAULT in ("grad_scale_2x", "drop_alias"):
     _PATCHES["torchtitan_ext.parallelize.component"] = _faulty_autoparallel
 if _FAULT.startswith("drop_expert_grad_reduction"):
     _PATCHES["torchtitan_ext.parallelize.expert_parallel"] = _expert_grads_declared_complete
+if _FAULT.startswith("skip_tied_"):
+    _PATCHES["torchtitan_ext.tied_stages"] = _tied_stages_fault
 if _FAULT == "drop_expert_grad_reduction_unchecked":
     _PATCHES["torchtitan_ext.parallelize.component"] = _no_expert_gradient_check
 
