@@ -16,8 +16,8 @@ Called by torchtitan_ext.cpu.install_runtime (CPU only):
 - ``SumReductionParallelize``: torchtitan's FSDP on gloo
 Called by the Trainer: ``clip_grad_norm_seam`` (torchtitan's seam between backward and
 clipping), ``tied_embeddings_with_pipeline`` (torchtitan's refusal of tied embeddings with
-pipeline parallelism). Not here: torchtitan_ext.train's main() sets torchtitan.train.ConfigManager, the
-hook torchtitan's entry point builds its config through.
+pipeline parallelism). Not here: torchtitan_ext.train's main() sets
+torchtitan.train.ConfigManager, the hook torchtitan's entry point builds its config through.
 """
 
 from __future__ import annotations

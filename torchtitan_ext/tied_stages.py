@@ -13,7 +13,9 @@ the copies stay bit-equal. Both copies are planned with one placement (all Shard
 constraints.py), so the local shards of the two ranks of a tie group correspond.
 
 A checkpoint holds both names (each stage saves its own), as the eager model's state_dict
-does; loading writes each copy from its own name.
+does; loading writes each copy from its own name. The optimizer state, which eager holds
+once for the tie under its first name (tok_embeddings.weight), is saved and loaded by the
+last stage under that name too: checkpoints move between PP and eager either way.
 """
 
 from __future__ import annotations
@@ -85,6 +87,29 @@ class TiedStages:
         with torch.no_grad():
             dist.broadcast(_local(self.copy), src=self.source, group=self.group)
         logger.info(f"Tied {FIRST} = {LAST} across pipeline stages: values synced")
+
+    def name_optimizer_state_as_eager(self, optimizers) -> None:
+        """On the last stage, save and load lm_head.weight's optimizer state (torchtitan's
+        flat keys: state.<fqn>.<name>, param_groups.<fqn>.<key>) under tok_embeddings.weight,
+        the one name eager's optimizer gives the tie; the first stage saves the same values
+        under it, and DCP writes them once."""
+        if self.last is None:
+            return
+        state_dict, load_state_dict = optimizers.state_dict, optimizers.load_state_dict
+        renames = [(f"{kind}.{LAST}.", f"{kind}.{FIRST}.") for kind in ("state", "param_groups")]
+
+        def rename(flat: dict, *, saving: bool) -> dict:
+            renamed = {}
+            for key, value in flat.items():
+                for stage_name, eager_name in renames:
+                    old, new = (stage_name, eager_name) if saving else (eager_name, stage_name)
+                    if key.startswith(old):
+                        key = new + key[len(old) :]
+                renamed[key] = value
+            return renamed
+
+        optimizers.state_dict = lambda: rename(state_dict(), saving=True)
+        optimizers.load_state_dict = lambda flat: load_state_dict(rename(flat, saving=False))
 
     def sum_gradients(self) -> None:
         """Both copies' gradients become their sum: the gradient of the tied tensor."""

@@ -252,6 +252,7 @@ class AutoParallelTrainer(Trainer):
             )
             if self.tied_stages is not None:
                 self.tied_stages.sync_values()
+                self.tied_stages.name_optimizer_state_as_eager(self.optimizers)
 
     def _clip_grad_norm(self, clip, parameters, *args, **kwargs) -> torch.Tensor:
         # The tied gradient is summed before it is dumped or clipped.

@@ -3,8 +3,9 @@
 ``constrain`` adds them all to a traced AutoParallel: input and logits placements, the
 parameter memory bounds, one placement per alias group, Shard(0) for embeddings tied across
 pipeline stages, replicated MoE router state, HSDP's replicated parameters, and
-(parallel_matmuls) forward matmuls that compute only this rank's share. AutoParallel's public add_node_constraint takes one placement for the whole
-mesh; ``_keep_strategies`` uses the optimizer's underlying constraint, which allows several.
+(parallel_matmuls) forward matmuls that compute only this rank's share. AutoParallel's
+public add_node_constraint takes one placement for the whole mesh; ``_keep_strategies``
+uses the optimizer's underlying constraint, which allows several.
 """
 
 from __future__ import annotations
