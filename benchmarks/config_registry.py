@@ -52,3 +52,9 @@ def qwen3_moe_debug_bench() -> AutoParallelTrainer.Config:
     """The Qwen3 MoE AutoParallel debug config; --parallelize torchtitan with
     --parallelism.expert_parallel_degree gives torchtitan's EP."""
     return config_registry.qwen3_moe_debug_autoparallel()
+
+
+def llama3_debugmodel_untied_bench() -> AutoParallelTrainer.Config:
+    """The untied debug config (torchtitan's PP refuses tied embeddings); --parallelize
+    torchtitan with --parallelism.pipeline_parallel_degree gives torchtitan's PP."""
+    return config_registry.llama3_debugmodel_untied_autoparallel()

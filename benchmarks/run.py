@@ -5,7 +5,8 @@ parallelization, in one command:
     python -m benchmarks.run --rounds 1 --variants titan_fsdp,ap_fsdp --no-scaling
 
 Every variant of a suite trains the same thing: dense, torchtitan's llama3 debug model (tied
-embeddings); moe, the Qwen3 MoE debug model (2 layers, 64 experts, tied): the same data,
+embeddings); moe, the Qwen3 MoE debug model (2 layers, 64 experts, tied); pp, the llama3
+debug model untied, in 2 pipeline stages (1F1B, 8 microbatches): the same data,
 shapes and dtype, from one seed checkpoint per suite made at the start, on --ngpu ranks
 (gloo on CPU), and the benchmark checks it: each run's per-step losses (full precision,
 from TensorBoard) must agree with its suite's reference variant's within LOSS_ATOL over the
@@ -64,6 +65,8 @@ class Suite:
 SUITES = {
     "dense": Suite("llama3_debugmodel_bench", "titan_fsdp", 8 * 256),
     "moe": Suite("qwen3_moe_debug_bench", "titan_moe_ep", 4 * 256),
+    # PP 2 on 2 ranks: one batch of 8 x 256 a step, through both ranks.
+    "pp": Suite("llama3_debugmodel_untied_bench", "titan_pp", 4 * 256),
 }
 
 
@@ -93,6 +96,11 @@ _EP = ("--parallelism.expert_parallel_degree", "2")
 # with a list all_to_all, which gloo refuses for uneven splits.
 _TITAN_EP = (*_TITAN, *_EP, "--parallelism.spmd_backend", "full_dtensor")
 _MOE = "qwen3_moe_debug_bench"
+_PP = (
+    "--parallelism.pipeline_parallel_degree", "2",
+    "--parallelism.data_parallel_shard_degree", "1",
+    "--parallelism.pipeline_parallel_schedule", "1F1B",
+)  # fmt: skip
 VARIANTS = [
     Variant("titan_fsdp", "torchtitan FSDP", "llama3_debugmodel_bench", _TITAN),
     Variant(
@@ -133,6 +141,15 @@ VARIANTS = [
     Variant(
         "ap_moe_ep_compiled", "MoE: AutoParallel EP 2, compiled", _MOE, (*_EP, *_COMPILE),
         baselines=("titan_moe_ep",), autoparallel=True, suite="moe",
+    ),
+    # torchtitan refuses tied embeddings with PP: the PP suite trains the untied model.
+    Variant(
+        "titan_pp", "PP: torchtitan PP 2", "llama3_debugmodel_untied_bench", (*_TITAN, *_PP),
+        suite="pp",
+    ),
+    Variant(
+        "ap_pp", "PP: AutoParallel PP 2", "llama3_debugmodel_untied_bench", _PP,
+        baselines=("titan_pp",), autoparallel=True, suite="pp",
     ),
 ]  # fmt: skip
 BY_KEY = {v.key: v for v in VARIANTS}

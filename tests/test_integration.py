@@ -76,8 +76,10 @@ def test_gpu_runs_use_every_gpu():
     for run in GPU_RUNS:
         for args in run.override_args:
             args = list(args)
-            others = _degree(args, "--parallelism.data_parallel_replicate_degree") * _degree(
-                args, "--parallelism.tensor_parallel_degree"
+            others = (
+                _degree(args, "--parallelism.data_parallel_replicate_degree")
+                * _degree(args, "--parallelism.tensor_parallel_degree")
+                * _degree(args, "--parallelism.pipeline_parallel_degree")
             )
             if "--parallelism.data_parallel_shard_degree" in args:
                 total = others * _degree(args, "--parallelism.data_parallel_shard_degree")

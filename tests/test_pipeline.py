@@ -65,6 +65,10 @@ PIPELINES = {
     "tied_Interleaved1F1B": (TIED, "Interleaved1F1B", 2, PP2),
     "shared_rope_1F1B": (SHARED_ROPE, "1F1B", 2, PP2),
     "untied_Interleaved1F1B": (UNTIED, "Interleaved1F1B", 2, PP2),
+    # 4 ranks: each stage sharded over 2 (the tie's copies Shard(0), summed shard by shard).
+    "tied_1F1B_dp_shard2": (
+        TIED, "1F1B", 4, (*PP2[:2], "--parallelism.data_parallel_shard_degree", "2"),
+    ),
 }  # fmt: skip
 
 
@@ -89,15 +93,17 @@ def test_pipeline_stages_planned_by_autoparallel_match_eager(run, tmp_path_facto
     """PP 2 on 2 gloo ranks (Interleaved1F1B: 2 stages a rank), 8 microbatches of 1 row, 20
     steps from one seed checkpoint, clipping off, against 1-rank eager: every loss, every
     gradient norm and every step-1 gradient under every name (both names of a tie)."""
-    config, schedule, _, _ = PIPELINES[run]
+    config, schedule, ngpu, _ = PIPELINES[run]
     eager, seed = _eager_and_seed(config, tmp_path_factory)
     dump = tmp_path_factory.mktemp(f"pp_{run}")
     pp = _pipeline(run, seed, dump)
     stages = 4 if schedule == "Interleaved1F1B" else 2
-    assert pp.log.count("AutoParallel: planning on mesh {'dp_shard': 1}, global batch 1 x") == (
+    dp = ngpu // 2
+    assert pp.log.count(f"planning on mesh {{'dp_shard': {dp}}}, global batch {dp} x") == (
         stages // 2  # rank 0's stages: the log shows rank 0
     )
-    assert f"Using pipeline schedule {schedule} with 8 microbatches and {stages} stages" in pp.log
+    microbatches = 8 // dp
+    assert f"schedule {schedule} with {microbatches} microbatches and {stages} stages" in pp.log
     plans = sorted(p.parent.name for p in (dump / "autoparallel").glob("*/plan.json"))
     assert len(plans) == stages, plans  # one plan per stage, each written by its rank
     if config != UNTIED:

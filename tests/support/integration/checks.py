@@ -127,15 +127,17 @@ class FiniteLosses(Check):
 
 @dataclass(frozen=True)
 class LossFalls(Check):
-    """Rank 0's last loss is below its first by more than ``margin``."""
+    """Rank ``rank``'s last loss is below its first by more than ``margin`` (under pipeline
+    parallelism the last stage's ranks print the loss)."""
 
     margin: float = 0.0
     command: int | None = 0
+    rank: int = 0
 
     def __call__(self, results):
         failures = []
         for index, result in _commands(results, self.command):
-            losses = [v for _, v in sorted(result.rank_losses(0).items())]
+            losses = [v for _, v in sorted(result.rank_losses(self.rank).items())]
             if len(losses) < 2:
                 failures.append(f"command {index}: fewer than 2 steps printed: {losses}")
             elif not losses[-1] < losses[0] - self.margin:

@@ -25,6 +25,9 @@ SHARED_ROPE = "llama3_debugmodel_shared_rope_autoparallel"
 # parallel model's names checked against the original's, and the plan report.
 NAMES_MATCH = r"AutoParallel: \d+ parameter, \d+ buffer and \d+ state_dict names match the original"
 TIED_CAPTURED = r"parameter tok_embeddings\.weight = lm_head\.weight"
+TIED_ACROSS_STAGES = (
+    r"Tied tok_embeddings\.weight = lm_head\.weight across pipeline stages: values synced"
+)
 ROPE_CAPTURED = r"buffer layers\.0\.attention\.rope\.cache = layers\.1\.attention\.rope\.cache"
 # tied and shared RoPE: the shared-RoPE config derives from the tied one.
 SHARED_ROPE_CAPTURED = (TIED_CAPTURED, ROPE_CAPTURED)
@@ -120,6 +123,35 @@ CPU_RUNS = [
             LogContains((NAMES_MATCH, *plan_lines("{'dp_shard': 1}", r"dp_shard=\w+", "1.000"))),
             LogContains((TRACED,), command=0),
             LogContains(FROM_GRAPH_CACHE, command=1),  # and repeats steps 3-4 exactly
+            *KILL_AND_RESUME_CHECKS,
+        ),
+    ),
+    OverrideDefinitions(
+        test_name="ap_tied_pp2_kill_resume",
+        test_descr=(
+            "2 ranks, the tied debug config with --parallelism.pipeline_parallel_degree 2 "
+            "(1F1B): each stage planned by AutoParallel, the embeddings tied across the "
+            "stages; killed while saving its step-4 checkpoint, the rerun resumes from step 2 "
+            "and repeats steps 3-4 exactly"
+        ),
+        config=DEBUG,
+        tier="cpu",
+        ngpu=2,
+        **_kill_and_resume(
+            "--parallelism.pipeline_parallel_degree",
+            "2",
+            "--parallelism.data_parallel_shard_degree",
+            "1",
+            "--parallelism.pipeline_parallel_schedule",
+            "1F1B",
+        ),  # fmt: skip
+        checks=(
+            FiniteLosses(),
+            EveryRankLogged(ranks=2),
+            LossFalls(margin=1.0, rank=1),  # the last stage's rank prints the loss
+            LogContains(
+                (TIED_ACROSS_STAGES, *plan_lines("{'dp_shard': 1}", r"dp_shard=R", "1.000"))
+            ),
             *KILL_AND_RESUME_CHECKS,
         ),
     ),
@@ -299,6 +331,28 @@ GPU_RUNS = [
         + "--parallelism.expert_parallel_degree 4".split(),
         LossFalls(margin=1.0),
         LogContains(("mesh " + r"\{'efsdp': 2, 'ep': 4\}", "experts per rank: 8 of 64 per layer")),
+        config=QWEN3_MOE,
+        model="qwen3",
+    ),
+    _gpu(
+        "gpu_llama3_1b_pp2_dp_shard4",
+        "8 GPUs, Llama 3.2 1B (tied) with pipeline parallelism 2 x dp_shard 4: each stage "
+        "planned by AutoParallel, the embeddings tied across the stages, 5 steps",
+        8,
+        [*_LARGE, "--parallelism.pipeline_parallel_degree", "2"]
+        + "--parallelism.data_parallel_shard_degree 4".split(),
+        LogContains((TIED_ACROSS_STAGES, "mesh " + r"\{'dp_shard': 4\}")),
+        config="llama3_1b_autoparallel",
+    ),
+    _gpu(
+        "gpu_qwen3_moe_pp2_ep4",
+        "8 GPUs, Qwen3 MoE debug model (tied) with pipeline parallelism 2 x expert "
+        "parallelism 4: 16 experts per rank in each stage",
+        8,
+        [*_STEPS, "--parallelism.pipeline_parallel_degree", "2"]
+        + "--parallelism.expert_parallel_degree 4".split(),
+        LossFalls(margin=1.0, rank=7),
+        LogContains((TIED_ACROSS_STAGES, "mesh " + r"\{'ep': 4\}", "experts per rank: 16 of 64")),
         config=QWEN3_MOE,
         model="qwen3",
     ),
