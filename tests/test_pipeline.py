@@ -35,26 +35,44 @@ PP2 = (
     "1",
 )
 
+PP2_ = "--parallelism.pipeline_parallel_degree 2: "
 REFUSED = {
     "split-backward schedule": (
         UNTIED, ("--parallelism.pipeline_parallel_schedule", "ZBVZeroBubble"),
-        "splits each backward into input and weight gradients",
+        (PP2_, "splits each backward into input and weight gradients"),
     ),
     "placement file": (
         UNTIED, ("--autoparallel.placement_file", "placements.json"),
-        "--autoparallel.placement_file hold one plan, and each pipeline stage has its own",
+        (PP2_, "--autoparallel.placement_file hold one plan, and each pipeline stage has its own"),
+    ),
+    "unknown schedule": (
+        UNTIED, ("--parallelism.pipeline_parallel_schedule", "Foo"),
+        ("--parallelism.pipeline_parallel_schedule Foo: torch has no such schedule",),
+    ),
+    # 6 layers + embeddings + output in stages of 5: 2 stages, 1 a rank; Interleaved needs 2.
+    "stages torchtitan cannot split": (
+        UNTIED, ("--parallelism.pipeline_parallel_layers_per_stage", "5"),
+        (
+            "--parallelism.pipeline_parallel_degree 2 with --parallelism.pipeline_parallel_"
+            "schedule Interleaved1F1B: torchtitan cannot split this model into its stages "
+            "(Multi-stage schedule requires at least 2 stages per rank",
+        ),
+    ),
+    "tied embeddings in torchtitan's own PP": (
+        TIED, ("--parallelize", "torchtitan"),
+        (PP2_, "torchtitan's own parallelization refuses tied embeddings with pipeline"),
     ),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(REFUSED))
-def test_what_pipeline_parallelism_does_not_do_yet_is_refused(case, tmp_path, monkeypatch, capsys):
+def test_what_pipeline_parallelism_cannot_do_is_refused(case, tmp_path, monkeypatch, capsys):
     config, args, expected = REFUSED[case]
     _assert_refused_in_process(
         monkeypatch, capsys,
         env={"NGPU": "2", "LOG_RANK": "0", "COMM_MODE": "", "CONFIG": config},
         args=(f"--dump_folder={tmp_path}", *PP2, *args),
-        expected=("--parallelism.pipeline_parallel_degree 2: ", expected),
+        expected=expected,
         lines=1,
     )  # fmt: skip
 

@@ -141,6 +141,17 @@ def check(config, *, world_size: int) -> None:
         ) from None
     dp_degree = parallel_dims.dp_replicate * parallel_dims.dp_shard  # torchtitan's "batch" mesh
     check_batch_sizes(config.training, dp_degree=dp_degree)
+    if (
+        parallel_dims.pp > 1
+        and getattr(config.model_spec.model, "enable_weight_tying", False)
+        and getattr(config, "parallelize", None) != "autoparallel"
+    ):
+        raise ValueError(
+            f"--parallelism.pipeline_parallel_degree {parallel_dims.pp}: torchtitan's own "
+            "parallelization refuses tied embeddings with pipeline parallelism; drop "
+            "--parallelize torchtitan (AutoParallel keeps the tie across stages) or use an "
+            "untied config"
+        )
     if isinstance(config, AutoParallelTrainer.Config) and config.parallelize == "autoparallel":
         from torchtitan_ext.parallelize.spec import check_before_launch
 

@@ -370,7 +370,7 @@ def check_before_launch(config, parallel_dims) -> None:
         )
     memory_bounds(config.autoparallel, parallel_dims)  # raises if out of order
     if parallel_dims.pp > 1:
-        check_pipeline(config)
+        check_pipeline(config, parallel_dims)
     require_autoparallel()
     path = placement_path(config.autoparallel, config.dump_folder)
     if path and os.path.exists(path):
@@ -390,10 +390,36 @@ def parameter_ranks(model) -> dict[str, int]:
 _SPLIT_BACKWARD_SCHEDULES = ("ZBVZeroBubble", "DualPipeV", "InterleavedZeroBubble")
 
 
-def check_pipeline(config) -> None:
-    """ValueError for what pipeline parallelism through AutoParallel does not do yet."""
-    pp = f"--parallelism.pipeline_parallel_degree {config.parallelism.pipeline_parallel_degree}"
-    schedule = config.parallelism.pipeline_parallel_schedule
+def check_pipeline(config, parallel_dims) -> None:
+    """ValueError for a pipeline torchtitan cannot build (an unknown schedule, stages its
+    split cannot fill) and for what pipeline parallelism through AutoParallel does not do."""
+    from torch.distributed.pipelining.schedules import get_schedule_class
+    from torchtitan.distributed.pipeline_parallel import (
+        _generate_llm_fqn_per_model_part,
+        _get_pipeline_metadata,
+    )
+
+    parallelism = config.parallelism
+    pp = f"--parallelism.pipeline_parallel_degree {parallelism.pipeline_parallel_degree}"
+    schedule = parallelism.pipeline_parallel_schedule
+    try:
+        get_schedule_class(schedule)
+    except ValueError:
+        raise ValueError(
+            f"--parallelism.pipeline_parallel_schedule {schedule}: torch has no such schedule; "
+            "use GPipe, 1F1B or Interleaved1F1B"
+        ) from None
+    if parallelism.module_fqns_per_model_part is None:
+        try:  # torchtitan's own split, as pipeline_llm runs it on every rank
+            _generate_llm_fqn_per_model_part(
+                *_get_pipeline_metadata(parallel_dims, parallelism, config.model_spec.model)
+            )
+        except ValueError as e:
+            raise ValueError(
+                f"{pp} with --parallelism.pipeline_parallel_schedule {schedule}: torchtitan "
+                f"cannot split this model into its stages ({e}); lower the degree or use a "
+                "schedule with one stage a rank (1F1B)"
+            ) from None
     if schedule in _SPLIT_BACKWARD_SCHEDULES:
         raise ValueError(
             f"{pp}: --parallelism.pipeline_parallel_schedule {schedule} splits each backward "
