@@ -229,6 +229,30 @@ def _assert_router_state_equal(want: dict[str, torch.Tensor], got: dict[str, tor
         torch.testing.assert_close(got[fqn], want[fqn], rtol=RTOL, atol=ATOL)
 
 
+PP2_EP2 = (
+    "--parallelism.pipeline_parallel_degree", "2", "--training.local_batch_size", "4", *EP,
+)  # fmt: skip
+
+
+def test_pipeline_stages_with_expert_parallel_match_eager(
+    trained, seed_checkpoint, tmp_path_factory, request, record_property
+):
+    """PP 2 x EP 2 on 4 ranks (each stage planned on its own ep mesh, the tied embeddings
+    split between the stages): every loss, gradient norm and step-1 gradient, and the
+    router's state after 20 steps, against 1-rank eager; whole experts on each ep rank."""
+    dump = tmp_path_factory.mktemp("moe_pp2_ep2")
+    pp = _train(CONFIG, seed_checkpoint, dump, *FINAL_SAVE, *PP2_EP2, ngpu=4, model=MODEL)
+    assert pp.log.count("AutoParallel: expert parallelism on 1 MoE layer(s)") == 1  # rank 0
+    assert "AutoParallel: planning on mesh {'ep': 2}, global batch 2 x 128" in pp.log
+    shards = _saved_shards(dump, _expert_weights([0, 1]))
+    _assert_whole_experts_per_rank(shards, ranks=2)
+    eager = trained["eager"][0]
+    _report(request, record_property, "max_abs_diff_vs_eager", _max_diffs(eager, pp))
+    assert parity_problems(eager, pp) == {"losses": [], "grad_norms": [], "gradients": []}
+    assert {"tok_embeddings.weight", "lm_head.weight"} <= set(pp.grads)
+    _assert_router_state_equal(trained["eager"][1], _router_state(dump))
+
+
 def test_the_plan_report_names_the_collectives_that_run(trained, request, record_property):
     """The plan's counts, all_to_all included, are what step 2 ran on rank 0 (profiler),
     plus torchtitan's own all-reduces and its load-balancing hook's."""

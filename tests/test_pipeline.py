@@ -81,8 +81,7 @@ def test_what_pipeline_parallelism_cannot_do_is_refused(case, tmp_path, monkeypa
 PIPELINES = {
     "tied_1F1B": (TIED, "1F1B", 2, PP2),
     "tied_Interleaved1F1B": (TIED, "Interleaved1F1B", 2, PP2),
-    "shared_rope_1F1B": (SHARED_ROPE, "1F1B", 2, PP2),
-    "untied_Interleaved1F1B": (UNTIED, "Interleaved1F1B", 2, PP2),
+    "shared_rope_GPipe": (SHARED_ROPE, "GPipe", 2, PP2),
     # 4 ranks: each stage sharded over 2 (the tie's copies Shard(0), summed shard by shard).
     "tied_1F1B_dp_shard2": (
         TIED, "1F1B", 4, (*PP2[:2], "--parallelism.data_parallel_shard_degree", "2"),
@@ -92,7 +91,7 @@ PIPELINES = {
 
 def _eager_and_seed(config: str, tmp_path_factory) -> tuple:
     # The shared-RoPE config has the tied one's parameters: one seed checkpoint.
-    seed = seed_checkpoint_of(UNTIED if config == UNTIED else TIED, tmp_path_factory.mktemp("seed"))
+    seed = seed_checkpoint_of(TIED, tmp_path_factory.mktemp("seed"))
     return eager_run(config, seed, tmp_path_factory.mktemp("eager")), seed
 
 
@@ -124,8 +123,7 @@ def test_pipeline_stages_planned_by_autoparallel_match_eager(run, tmp_path_facto
     assert f"schedule {schedule} with {microbatches} microbatches and {stages} stages" in pp.log
     plans = sorted(p.parent.name for p in (dump / "autoparallel").glob("*/plan.json"))
     assert len(plans) == stages, plans  # one plan per stage, each written by its rank
-    if config != UNTIED:
-        assert {"tok_embeddings.weight", "lm_head.weight"} <= set(pp.grads)
+    assert {"tok_embeddings.weight", "lm_head.weight"} <= set(pp.grads)
     assert parity_problems(eager, pp) == {"losses": [], "grad_norms": [], "gradients": []}
     shutil.rmtree(dump / "checkpoint", ignore_errors=True)
 
