@@ -41,10 +41,6 @@ REFUSED = {
         UNTIED, ("--parallelism.pipeline_parallel_schedule", "ZBVZeroBubble"),
         (PP2_, "splits each backward into input and weight gradients"),
     ),
-    "placement file": (
-        UNTIED, ("--autoparallel.placement_file", "placements.json"),
-        (PP2_, "--autoparallel.placement_file hold one plan, and each pipeline stage has its own"),
-    ),
     "unknown schedule": (
         UNTIED, ("--parallelism.pipeline_parallel_schedule", "Foo"),
         ("--parallelism.pipeline_parallel_schedule Foo: torch has no such schedule",),
@@ -252,3 +248,36 @@ def test_tied_pipeline_without_init_sync_fails_eager_resume(tmp_path):
     print(f"{fault}: {len(mismatches)} of 18 mismatch, e.g. {mismatches[:2]}")
     assert len(mismatches) == 18
     assert not torch.equal(step1["tok_embeddings.weight"], step1["lm_head.weight"])
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_each_stage_has_its_placement_file(tmp_path, monkeypatch, capsys):
+    """--autoparallel.placement_file under PP: each stage saves its own file (the stage's
+    name before the extension), the next start loads them instead of solving and trains the
+    same losses, and a stage's file solved for another plan is refused before launch."""
+    args = (
+        *PP2, "--parallelism.pipeline_parallel_schedule", "1F1B",
+        "--autoparallel.placement_file", "placements.json", "--autoparallel.graph_cache_dir", "",
+        "--training.steps", "3", "--training.seq_len", "128", "--training.local_batch_size", "8",
+        "--debug.seed", "42", "--debug.deterministic",
+    )  # fmt: skip
+    solved = run_train(TIED, *args, ngpu=2, dump_folder=tmp_path, log_ranks="0,1").check()
+    names = ["placements.stage-layers.0-2.json", "placements.stage-layers.3-5.json"]
+    assert sorted(p.name for p in tmp_path.glob("placements*.json")) == names
+    loaded = run_train(TIED, *args, ngpu=2, dump_folder=tmp_path, log_ranks="0,1").check()
+    for name in names:
+        assert f"AutoParallel: saved placements to {tmp_path / name}" in solved.log
+        assert f"AutoParallel: loaded placements from {tmp_path / name} (no solve)" in loaded.log
+    assert loaded.rank_losses(1) == solved.rank_losses(1)  # the last stage prints the loss
+    _assert_refused_in_process(
+        monkeypatch, capsys,
+        env={"NGPU": "2", "LOG_RANK": "0", "COMM_MODE": "", "CONFIG": TIED},
+        args=(f"--dump_folder={tmp_path}", *args, "--training.seq_len", "64"),
+        expected=(
+            f"placement file {tmp_path / names[0]} was solved for model",
+            "inputs [1, 128]; this run has model",
+            "inputs [1, 64]",
+        ),
+        lines=1,
+    )  # fmt: skip

@@ -85,9 +85,16 @@ class Stage:
     last: bool
     """It computes the logits (lm_head); the others return hidden states."""
     layers: tuple[str, ...]
-    tied: str | None
-    """The model ties tok_embeddings.weight to lm_head.weight and this stage holds one of
-    them (its FQN), kept equal to the other stage's copy (torchtitan_ext.tied_stages)."""
+    ties: bool
+    """The model ties tok_embeddings.weight to lm_head.weight."""
+
+    @property
+    def tied(self) -> str | None:
+        """This stage's copy of tied embeddings when it holds one end of the tie, kept
+        equal to the other stage's (torchtitan_ext.tied_stages); else None."""
+        if not self.ties or self.first == self.last:
+            return None
+        return "tok_embeddings.weight" if self.first else "lm_head.weight"
 
     @property
     def name(self) -> str:
@@ -100,13 +107,11 @@ class Stage:
 
     @classmethod
     def of(cls, model) -> Stage:
-        first = getattr(model, "tok_embeddings", None) is not None
-        last = getattr(model, "lm_head", None) is not None
-        tied = None
-        if getattr(model, "enable_weight_tying", False) and first != last:
-            tied = "tok_embeddings.weight" if first else "lm_head.weight"
         return cls(
-            first=first, last=last, layers=tuple(getattr(model, "layers", {}).keys()), tied=tied
+            first=getattr(model, "tok_embeddings", None) is not None,
+            last=getattr(model, "lm_head", None) is not None,
+            layers=tuple(getattr(model, "layers", {}).keys()),
+            ties=getattr(model, "enable_weight_tying", False),
         )
 
 
@@ -222,7 +227,7 @@ class PlanSpec:
                 for a in axes
             ),
             memory_bounds=memory_bounds(config, parallel_dims),
-            placement_path=placement_path(config, dump_folder),
+            placement_path=placement_path(config, dump_folder, stage),
             key=plan_key(
                 model_config=model.config,
                 parallel_dims=parallel_dims,
@@ -299,10 +304,15 @@ def memory_bounds(config, parallel_dims) -> tuple[float, float]:
     return low, high
 
 
-def placement_path(config, dump_folder: str) -> str:
+def placement_path(config, dump_folder: str, stage: Stage | None = None) -> str:
+    """--autoparallel.placement_file under dump_folder; a pipeline stage's has the stage's
+    name before the extension (placements.stage-layers.0-2.json)."""
     path = config.placement_file
     if path and not os.path.isabs(path):
         path = os.path.join(dump_folder, path)
+    if path and stage is not None:
+        root, ext = os.path.splitext(path)
+        path = f"{root}.{stage.name}{ext}"
     return path
 
 
@@ -342,16 +352,20 @@ def plan_key(*, model_config, parallel_dims, training, parallelism, config, stag
     }
 
 
-def plan_key_of(config, parallel_dims) -> dict:
+def plan_key_of(config, parallel_dims, stage: Stage | None = None) -> dict:
     """plan_key() of an AutoParallelTrainer.Config, as the component computes it on the
     ranks. Updates the model config from the trainer config, as the Trainer does."""
-    config.model_spec.model.update_from_config(config=config)
+    from torchtitan_ext import patches
+
+    with patches.tied_embeddings_with_pipeline():
+        config.model_spec.model.update_from_config(config=config)
     return plan_key(
         model_config=config.model_spec.model,
         parallel_dims=parallel_dims,
         training=config.training,
         parallelism=config.parallelism,
         config=config.autoparallel,
+        stage=stage,
     )
 
 
@@ -369,15 +383,23 @@ def check_before_launch(config, parallel_dims) -> None:
             "deepseek_v3_debugmodel_autoparallel, ...) or expert_parallel_degree 1"
         )
     memory_bounds(config.autoparallel, parallel_dims)  # raises if out of order
+    stages = {None: [""]}  # stage -> the FQN prefixes of its modules ("": the whole model)
     if parallel_dims.pp > 1:
-        check_pipeline(config, parallel_dims)
+        stages = pipeline_stages(config, parallel_dims)
     require_autoparallel()
-    path = placement_path(config.autoparallel, config.dump_folder)
-    if path and os.path.exists(path):
-        key = plan_key_of(config, parallel_dims)
+    for stage, modules in stages.items():
+        path = placement_path(config.autoparallel, config.dump_folder, stage)
+        if not (path and os.path.exists(path)):
+            continue
+        key = plan_key_of(config, parallel_dims, stage)
         with torch.device("meta"):
             model = config.model_spec.model.build()
-        check_placement_file(path, key, parameters=parameter_ranks(model))
+        parameters = {
+            fqn: rank
+            for fqn, rank in parameter_ranks(model).items()
+            if any(not m or fqn == m or fqn.startswith(f"{m}.") for m in modules)
+        }
+        check_placement_file(path, key, parameters=parameters)
 
 
 def parameter_ranks(model) -> dict[str, int]:
@@ -390,9 +412,10 @@ def parameter_ranks(model) -> dict[str, int]:
 _SPLIT_BACKWARD_SCHEDULES = ("ZBVZeroBubble", "DualPipeV", "InterleavedZeroBubble")
 
 
-def check_pipeline(config, parallel_dims) -> None:
-    """ValueError for a pipeline torchtitan cannot build (an unknown schedule, stages its
-    split cannot fill) and for what pipeline parallelism through AutoParallel does not do."""
+def pipeline_stages(config, parallel_dims) -> dict[Stage, list[str]]:
+    """The stages torchtitan's pipeline_llm will build (its split, as it computes it on every
+    rank), each with its modules' FQNs; ValueError for a pipeline torchtitan cannot build
+    (an unknown schedule, stages its split cannot fill) or AutoParallel cannot run."""
     from torch.distributed.pipelining.schedules import get_schedule_class
     from torchtitan.distributed.pipeline_parallel import (
         _generate_llm_fqn_per_model_part,
@@ -409,9 +432,16 @@ def check_pipeline(config, parallel_dims) -> None:
             f"--parallelism.pipeline_parallel_schedule {schedule}: torch has no such schedule; "
             "use GPipe, 1F1B or Interleaved1F1B"
         ) from None
-    if parallelism.module_fqns_per_model_part is None:
+    if schedule in _SPLIT_BACKWARD_SCHEDULES:
+        raise ValueError(
+            f"{pp}: --parallelism.pipeline_parallel_schedule {schedule} splits each backward "
+            "into input and weight gradients, which AutoParallel's compiled stage backward "
+            "cannot: use GPipe, 1F1B or Interleaved1F1B"
+        )
+    split = parallelism.module_fqns_per_model_part
+    if split is None:
         try:  # torchtitan's own split, as pipeline_llm runs it on every rank
-            _generate_llm_fqn_per_model_part(
+            split = _generate_llm_fqn_per_model_part(
                 *_get_pipeline_metadata(parallel_dims, parallelism, config.model_spec.model)
             )
         except ValueError as e:
@@ -420,22 +450,14 @@ def check_pipeline(config, parallel_dims) -> None:
                 f"cannot split this model into its stages ({e}); lower the degree or use a "
                 "schedule with one stage a rank (1F1B)"
             ) from None
-    if schedule in _SPLIT_BACKWARD_SCHEDULES:
-        raise ValueError(
-            f"{pp}: --parallelism.pipeline_parallel_schedule {schedule} splits each backward "
-            "into input and weight gradients, which AutoParallel's compiled stage backward "
-            "cannot: use GPipe, 1F1B or Interleaved1F1B"
+    ties = getattr(config.model_spec.model, "enable_weight_tying", False)
+    stages = {}
+    for modules in split:
+        stage = Stage(
+            first="tok_embeddings" in modules,
+            last="lm_head" in modules,
+            layers=tuple(m.split(".", 1)[1] for m in modules if m.startswith("layers.")),
+            ties=ties,
         )
-    given = [
-        flag
-        for flag, value in (
-            ("--autoparallel.placement_file", config.autoparallel.placement_file),
-            ("--autoparallel.dump_placements", config.autoparallel.dump_placements),
-        )
-        if value
-    ]
-    if given:
-        raise ValueError(
-            f"{pp}: {' and '.join(given)} hold one plan, and each pipeline stage has its own: "
-            "leave them unset"
-        )
+        stages[stage] = list(modules)
+    return stages
