@@ -101,6 +101,7 @@ _PP = (
     "--parallelism.data_parallel_shard_degree", "1",
     "--parallelism.pipeline_parallel_schedule", "1F1B",
 )  # fmt: skip
+_TITAN_PP = ("titan_pp", "titan_pp_compiled")
 VARIANTS = [
     Variant("titan_fsdp", "torchtitan FSDP", "llama3_debugmodel_bench", _TITAN),
     Variant(
@@ -148,8 +149,16 @@ VARIANTS = [
         suite="pp",
     ),
     Variant(
+        "titan_pp_compiled", "PP: torchtitan PP 2 + per-block compile",
+        "llama3_debugmodel_untied_bench", (*_TITAN, *_PP, *_COMPILE), suite="pp",
+    ),
+    Variant(
         "ap_pp", "PP: AutoParallel PP 2", "llama3_debugmodel_untied_bench", _PP,
-        baselines=("titan_pp",), autoparallel=True, suite="pp",
+        baselines=_TITAN_PP, autoparallel=True, suite="pp",
+    ),
+    Variant(
+        "ap_pp_compiled", "PP: AutoParallel PP 2 compiled", "llama3_debugmodel_untied_bench",
+        (*_PP, *_COMPILE), baselines=_TITAN_PP, autoparallel=True, suite="pp",
     ),
 ]  # fmt: skip
 BY_KEY = {v.key: v for v in VARIANTS}
