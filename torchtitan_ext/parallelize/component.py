@@ -224,6 +224,7 @@ class AliasAwareAutoParallel(Configurable):
         with (
             compiling,
             patches.memoized_redistribute_costs(),
+            patches.memoized_optimizer_input_nodes(),
             AutoParallel(
                 model,
                 spec.input_fn,
