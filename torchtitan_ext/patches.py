@@ -5,6 +5,7 @@ Called by the AutoParallel component (any device):
 - ``adapt_local_map_hop``: the expert region's local_map (HOP naming, in_grad_placements)
 - ``memoized_redistribute_costs``: AutoParallel's strategy tables, built in a fraction
 - ``memoized_optimizer_input_nodes``: the ILP's variables, built without re-reading inputs
+- ``optimizer_outside_gc``: the ILP built and solved without the garbage collector's passes
 - ``reset_autoparallel_caches``: AutoParallel's caches keyed without the mesh
 - ``grouped_mm_inputs_keep_eager_strides``: Inductor's _grouped_mm input strides
 - ``serializable_compile``: AutoParallel's apply compiling in AOTAutograd's serializable form
@@ -150,6 +151,51 @@ def memoized_optimizer_input_nodes() -> Iterator[None]:
         yield
     finally:
         ShardingOptimizer._all_input_nodes = input_nodes
+
+
+@contextlib.contextmanager
+def optimizer_outside_gc() -> Iterator[None]:
+    """Build and solve AutoParallel's ILP with Python's cyclic garbage collector paused, and
+    keep what they built out of its later passes until the plan is done.
+
+    AutoParallel a54c252's ShardingOptimizer allocates millions of long-lived objects (a
+    PuLP variable, a decision variable and cost terms per ILP variable: 782k roots and 1M
+    cluster links for 4 Qwen3 30B-A3B layers on 64 ranks, EP 8), and every full collection
+    walks all of them again: 14 s of collector time in a 135 s 4-layer plan, 6 s of it
+    while the decision variables are built. These objects hold no reference cycles that
+    need collecting before the plan ends, so the collector is paused while the optimizer
+    is built and solved, and the objects alive after each are frozen (gc.freeze: skipped
+    by later passes, such as apply's) until the context exits, when they are unfrozen and
+    collected as usual. Goes when AutoParallel's ILP is built from flat arrays instead of
+    per-variable Python objects.
+    """
+    import gc
+
+    from autoparallel.optimize_sharding import ShardingOptimizer
+
+    init, get_solution = ShardingOptimizer.__init__, ShardingOptimizer.get_solution
+
+    def paused(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def run(*args, **kwargs):
+            enabled = gc.isenabled()
+            gc.disable()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                gc.freeze()
+                if enabled:
+                    gc.enable()
+
+        return run
+
+    ShardingOptimizer.__init__ = paused(init)
+    ShardingOptimizer.get_solution = paused(get_solution)
+    try:
+        yield
+    finally:
+        ShardingOptimizer.__init__, ShardingOptimizer.get_solution = init, get_solution
+        gc.unfreeze()
 
 
 def reset_autoparallel_caches() -> None:

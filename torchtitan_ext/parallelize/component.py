@@ -225,6 +225,7 @@ class AliasAwareAutoParallel(Configurable):
             compiling,
             patches.memoized_redistribute_costs(),
             patches.memoized_optimizer_input_nodes(),
+            patches.optimizer_outside_gc(),
             AutoParallel(
                 model,
                 spec.input_fn,
