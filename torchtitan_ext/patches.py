@@ -6,6 +6,7 @@ Called by the AutoParallel component (any device):
 - ``memoized_redistribute_costs``: AutoParallel's strategy tables, built in a fraction
 - ``memoized_optimizer_input_nodes``: the ILP's variables, built without re-reading inputs
 - ``optimizer_outside_gc``: the ILP built and solved without the garbage collector's passes
+- ``memoized_sympy_factor``: size hints of unbacked expressions, factored once
 - ``reset_autoparallel_caches``: AutoParallel's caches keyed without the mesh
 - ``grouped_mm_inputs_keep_eager_strides``: Inductor's _grouped_mm input strides
 - ``serializable_compile``: AutoParallel's apply compiling in AOTAutograd's serializable form
@@ -196,6 +197,38 @@ def optimizer_outside_gc() -> Iterator[None]:
     finally:
         ShardingOptimizer.__init__, ShardingOptimizer.get_solution = init, get_solution
         gc.unfreeze()
+
+
+@contextlib.contextmanager
+def memoized_sympy_factor() -> Iterator[None]:
+    """Memoize sympy.factor while AutoParallel traces, solves and applies.
+
+    torch 2.14's optimization_hint (size hints of expressions with unbacked symbols: the
+    tokens each rank's experts receive) factors the expression with sympy each time, ~5
+    ms a call; local_map's partitioner and Inductor's overlap scheduler ask again and
+    again for the same few expressions (411 calls, 27 distinct, for 2 Qwen3 30B-A3B MoE
+    layers on 64 ranks). sympy expressions are immutable and factor is a pure function of
+    them, so each is factored once. Goes when torch caches optimization hints.
+    """
+    import sympy
+
+    factor = sympy.factor
+    memo: dict = {}
+
+    def memoized(expr, *gens, **args):
+        try:
+            key = (expr, gens, tuple(sorted(args.items())))
+            if key not in memo:
+                memo[key] = factor(expr, *gens, **args)
+            return memo[key]
+        except TypeError:
+            return factor(expr, *gens, **args)
+
+    sympy.factor = memoized
+    try:
+        yield
+    finally:
+        sympy.factor = factor
 
 
 def reset_autoparallel_caches() -> None:
