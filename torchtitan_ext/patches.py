@@ -4,6 +4,9 @@ Each says which limitation it answers and when it can go; nothing here runs unti
 Called by the AutoParallel component (any device):
 - ``adapt_local_map_hop``: the expert region's local_map (HOP naming, in_grad_placements)
 - ``memoized_redistribute_costs``: AutoParallel's strategy tables, built in a fraction
+- ``memoized_optimizer_input_nodes``: the ILP's variables, built without re-reading inputs
+- ``optimizer_outside_gc``: the ILP built and solved without the garbage collector's passes
+- ``memoized_sympy_factor``: size hints of unbacked expressions, factored once
 - ``reset_autoparallel_caches``: AutoParallel's caches keyed without the mesh
 - ``grouped_mm_inputs_keep_eager_strides``: Inductor's _grouped_mm input strides
 - ``serializable_compile``: AutoParallel's apply compiling in AOTAutograd's serializable form
@@ -122,6 +125,111 @@ def memoized_redistribute_costs() -> Iterator[None]:
         yield
     finally:
         utils.redistribute_cost = cost
+
+
+@contextlib.contextmanager
+def memoized_optimizer_input_nodes() -> Iterator[None]:
+    """Memoize ShardingOptimizer._all_input_nodes per optimizer and node.
+
+    AutoParallel a54c252 asks for a node's tensor inputs (a pytree flatten of its args,
+    filtered by the strategy table) once per ILP variable: ~500k times for the 2-layer
+    Qwen3 30B-A3B on 64 ranks (EP 8), about a fifth of the optimizer's construction. The
+    answer depends only on the node's args and on which nodes have strategies, neither of
+    which changes once the optimizer's strategy table is built (every caller reads it
+    after). Goes when AutoParallel computes the inputs once per node.
+    """
+    from autoparallel.optimize_sharding import ShardingOptimizer
+
+    input_nodes = ShardingOptimizer._all_input_nodes
+
+    def memoized(self, node: torch.fx.Node) -> list[torch.fx.Node]:
+        memo = self.__dict__.setdefault("_torchtitan_ext_input_nodes", {})
+        if node not in memo:
+            memo[node] = input_nodes(self, node)
+        return memo[node]
+
+    ShardingOptimizer._all_input_nodes = memoized
+    try:
+        yield
+    finally:
+        ShardingOptimizer._all_input_nodes = input_nodes
+
+
+@contextlib.contextmanager
+def optimizer_outside_gc() -> Iterator[None]:
+    """Build and solve AutoParallel's ILP with Python's cyclic garbage collector paused, and
+    keep what they built out of its later passes until the plan is done.
+
+    AutoParallel a54c252's ShardingOptimizer allocates millions of long-lived objects (a
+    PuLP variable, a decision variable and cost terms per ILP variable: 782k roots and 1M
+    cluster links for 4 Qwen3 30B-A3B layers on 64 ranks, EP 8), and every full collection
+    walks all of them again: 14 s of collector time in a 135 s 4-layer plan, 6 s of it
+    while the decision variables are built. These objects hold no reference cycles that
+    need collecting before the plan ends, so the collector is paused while the optimizer
+    is built and solved, and the objects alive after each are frozen (gc.freeze: skipped
+    by later passes, such as apply's) until the context exits, when they are unfrozen and
+    collected as usual. Goes when AutoParallel's ILP is built from flat arrays instead of
+    per-variable Python objects.
+    """
+    import gc
+
+    from autoparallel.optimize_sharding import ShardingOptimizer
+
+    init, get_solution = ShardingOptimizer.__init__, ShardingOptimizer.get_solution
+
+    def paused(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def run(*args, **kwargs):
+            enabled = gc.isenabled()
+            gc.disable()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                gc.freeze()
+                if enabled:
+                    gc.enable()
+
+        return run
+
+    ShardingOptimizer.__init__ = paused(init)
+    ShardingOptimizer.get_solution = paused(get_solution)
+    try:
+        yield
+    finally:
+        ShardingOptimizer.__init__, ShardingOptimizer.get_solution = init, get_solution
+        gc.unfreeze()
+
+
+@contextlib.contextmanager
+def memoized_sympy_factor() -> Iterator[None]:
+    """Memoize sympy.factor while AutoParallel traces, solves and applies.
+
+    torch 2.14's optimization_hint (size hints of expressions with unbacked symbols: the
+    tokens each rank's experts receive) factors the expression with sympy each time, ~5
+    ms a call; local_map's partitioner and Inductor's overlap scheduler ask again and
+    again for the same few expressions (411 calls, 27 distinct, for 2 Qwen3 30B-A3B MoE
+    layers on 64 ranks). sympy expressions are immutable and factor is a pure function of
+    them, so each is factored once. Goes when torch caches optimization hints.
+    """
+    import sympy
+
+    factor = sympy.factor
+    memo: dict = {}
+
+    def memoized(expr, *gens, **args):
+        try:
+            key = (expr, gens, tuple(sorted(args.items())))
+            if key not in memo:
+                memo[key] = factor(expr, *gens, **args)
+            return memo[key]
+        except TypeError:
+            return factor(expr, *gens, **args)
+
+    sympy.factor = memoized
+    try:
+        yield
+    finally:
+        sympy.factor = factor
 
 
 def reset_autoparallel_caches() -> None:

@@ -229,6 +229,9 @@ class AliasAwareAutoParallel(Configurable):
         with (
             compiling,
             patches.memoized_redistribute_costs(),
+            patches.memoized_optimizer_input_nodes(),
+            patches.optimizer_outside_gc(),
+            patches.memoized_sympy_factor(),
             AutoParallel(
                 model,
                 spec.input_fn,
