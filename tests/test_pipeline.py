@@ -185,13 +185,12 @@ def _mismatches(got: dict, want: dict, steps) -> list[str]:
 
 
 def _pipeline_then_eager(root: Path, *, env: dict | None = None):
-    """PP 2 (tied, 1F1B) from its own init, saving step-1 and step-10; then 1-rank eager
-    resumed from its step-1 (model, optimizer, schedule, data position). Returns both runs'
+    """PP 2 (tied, 1F1B) from its own init, saving every step; then 1-rank eager resumed
+    from its step-1 (model, optimizer, schedule, data position). Returns both runs'
     scalars, eager's run and PP's step-1 model state."""
     pp_run, pp = _checkpointed(
         TIED, root / "pp", *PP2, "--training.local_batch_size", "8",
-        "--checkpoint.enable_first_step_checkpoint", "--checkpoint.interval", "100",
-        ngpu=2, env=env,
+        "--checkpoint.interval", "1", "--checkpoint.keep_latest_k", "0", ngpu=2, env=env,
     )  # fmt: skip
     (root / "eager" / "checkpoint").mkdir(parents=True)
     shutil.copytree(root / "pp" / "checkpoint" / "step-1", root / "eager" / "checkpoint" / "step-1")
@@ -207,15 +206,15 @@ def _pipeline_then_eager(root: Path, *, env: dict | None = None):
 @pytest.mark.engine
 def test_dcp_checkpoints_move_between_tied_pipeline_and_eager_both_ways(tmp_path):
     """A tied PP run's checkpoints hold the eager model's keys with the two tied names
-    bit-equal (after init, after 10 steps); eager resumed from PP's step 1, and PP resumed
+    bit-equal after every optimizer step; eager resumed from PP's step 1, and PP resumed
     from eager's step 5, each repeat the other's later steps (losses, gradient norms)."""
-    pp, eager, step1 = _pipeline_then_eager(tmp_path)
+    pp, eager, _ = _pipeline_then_eager(tmp_path)
     assert _mismatches(eager, pp, range(2, 11)) == []
-    step10 = _model_state(tmp_path / "pp" / "checkpoint" / "step-10")
     eager5 = _model_state(tmp_path / "eager" / "checkpoint" / "step-5")
-    for state in (step1, step10):
+    for step in range(1, 11):
+        state = _model_state(tmp_path / "pp" / "checkpoint" / f"step-{step}")
         assert set(state) == set(eager5)  # the eager model's names, both tied ones
-        assert torch.equal(state["tok_embeddings.weight"], state["lm_head.weight"])
+        assert torch.equal(state["tok_embeddings.weight"], state["lm_head.weight"]), step
     (tmp_path / "pp_resumed" / "checkpoint").mkdir(parents=True)
     shutil.copytree(
         tmp_path / "eager" / "checkpoint" / "step-5",
