@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.support.training import REPO_ROOT, run_train
+from tests.support.training import REPO_ROOT, fault_env, run_train
 from tests.test_parity import (
     ATOL,
     RTOL,
@@ -275,12 +275,6 @@ EFSDP_MESH = "AutoParallel: planning on mesh {'efsdp': 2, 'ep': 2}, global batch
 EXPERT_WEIGHTS = ("w1_EFD", "w2_EDF", "w3_EFD")
 
 
-def _fault(fault: str) -> dict[str, str]:
-    """The environment that injects ``fault`` (tests/support/faults/sitecustomize.py)."""
-    path = os.pathsep.join([str(REPO_ROOT / "tests" / "support" / "faults"), str(REPO_ROOT)])
-    return {"PYTHONPATH": path, "TORCHTITAN_EXT_TEST_FAULT": fault}
-
-
 def _expert_weights(layers: list[int]) -> set[str]:
     return {
         f"layers.{layer}.moe.routed_experts.inner_experts.{weight}"
@@ -334,7 +328,7 @@ def test_ep_inside_efsdp_fails_parity_without_the_expert_reduction(
     faulty = _train(
         CONFIG, seed_checkpoint, tmp_path_factory.mktemp("moe_efsdp_fault"), *EP, *EFSDP,
         ngpu=4, steps=3, model=MODEL,
-        env=_fault("drop_expert_grad_reduction_unchecked"),
+        env=fault_env("drop_expert_grad_reduction_unchecked"),
     )  # fmt: skip
     assert "[fault-shim] drop_expert_grad_reduction_unchecked injected" in faulty.log
     assert "expert gradients: none: 6 of 6" in faulty.log
@@ -354,7 +348,7 @@ def test_start_up_refuses_a_plan_that_drops_the_expert_reduction():
         [sys.executable, "-m", "tests.support.plan_probe", "--world", "4", "--config", CONFIG, *EP,
          *EFSDP, "--training.seq_len", "128"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-        env={**os.environ, **_fault("drop_expert_grad_reduction")},
+        env={**os.environ, **fault_env("drop_expert_grad_reduction")},
     )  # fmt: skip
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output[-3000:]
@@ -415,8 +409,6 @@ def roundtrip(tmp_path_factory) -> dict:
     import json
     import subprocess
     import sys
-
-    from tests.support.training import REPO_ROOT
 
     workdir = tmp_path_factory.mktemp("moe_dcp")
     flags = [f"--flag={flag}" for flag in EP]

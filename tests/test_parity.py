@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.support.training import REPO_ROOT, run_train, tensorboard_scalars
+from tests.support.training import fault_env, run_train, tensorboard_scalars
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
@@ -291,12 +290,7 @@ def test_parity_checks_fail_on_an_injected_fault(
         "--training.local_batch_size", "4",
         ngpu=2,
         steps=3,
-        env={
-            "PYTHONPATH": os.pathsep.join(
-                [str(REPO_ROOT / "tests" / "support" / "faults"), str(REPO_ROOT)]
-            ),
-            "TORCHTITAN_EXT_TEST_FAULT": fault,
-        },
+        env=fault_env(fault),
     )  # fmt: skip
     assert f"[fault-shim] {fault} injected into the AutoParallel model" in faulty.log
     problems = parity_problems(eager, faulty)

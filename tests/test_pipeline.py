@@ -7,18 +7,16 @@ is refused by the launcher, before any rank starts."""
 from __future__ import annotations
 
 import math
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.support.training import run_train, tensorboard_scalars
+from tests.support.training import fault_env, run_train, tensorboard_scalars
 from tests.test_launch import _assert_refused_in_process
 from tests.test_parity import (
     NO_CLIPPING,
-    REPO_ROOT,
     _train,
     eager_run,
     parity_problems,
@@ -133,12 +131,7 @@ def test_tied_pipeline_parity_fails_on_an_injected_fault(fault, tmp_path_factory
     eager, seed = _eager_and_seed(TIED, tmp_path_factory)
     faulty = _pipeline(
         "tied_1F1B", seed, tmp_path_factory.mktemp(fault), steps=3,
-        env={
-            "PYTHONPATH": os.pathsep.join(
-                [str(REPO_ROOT / "tests" / "support" / "faults"), str(REPO_ROOT)]
-            ),
-            "TORCHTITAN_EXT_TEST_FAULT": fault,
-        },
+        env=fault_env(fault),
     )  # fmt: skip
     assert f"[fault-shim] {fault}" in faulty.log
     problems = parity_problems(eager, faulty)
@@ -236,13 +229,7 @@ def test_tied_pipeline_without_init_sync_fails_eager_resume(tmp_path):
     """Each stage's copy of the tie left with its own init: PP's step-1 checkpoint holds
     two values under the two names, and eager, resumed from it, cannot repeat PP's steps."""
     fault = "skip_tied_init_sync"
-    env = {
-        "PYTHONPATH": os.pathsep.join(
-            [str(REPO_ROOT / "tests" / "support" / "faults"), str(REPO_ROOT)]
-        ),
-        "TORCHTITAN_EXT_TEST_FAULT": fault,
-    }
-    pp, eager, step1 = _pipeline_then_eager(tmp_path, env=env)
+    pp, eager, step1 = _pipeline_then_eager(tmp_path, env=fault_env(fault))
     mismatches = _mismatches(eager, pp, range(2, 11))
     print(f"{fault}: {len(mismatches)} of 18 mismatch, e.g. {mismatches[:2]}")
     assert len(mismatches) == 18

@@ -109,3 +109,9 @@ def tensorboard_scalars(path: Path, tags: dict[str, str]) -> dict[str, dict[int,
         name: {s.step: s.value for s in events.Scalars(tag)} if tag in present else {}
         for name, tag in tags.items()
     }
+
+
+def fault_env(fault: str) -> dict[str, str]:
+    """The environment that injects ``fault`` into a run (tests/support/faults/sitecustomize.py)."""
+    path = os.pathsep.join([str(REPO_ROOT / "tests" / "support" / "faults"), str(REPO_ROOT)])
+    return {"PYTHONPATH": path, "TORCHTITAN_EXT_TEST_FAULT": fault}
