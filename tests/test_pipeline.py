@@ -122,15 +122,38 @@ def test_pipeline_stages_planned_by_autoparallel_match_eager(run, tmp_path_facto
     shutil.rmtree(dump / "checkpoint", ignore_errors=True)
 
 
+# The Trainer's own check (--autoparallel.alias_check, default error): where each fault
+# first leaves the two stages' copies of the tie different.
+CAUGHT = {"skip_tied_grad_sum": "after step 1", "skip_tied_init_sync": "after init"}
+UNCHECKED = ("--autoparallel.alias_check", "off")
+
+
 @pytest.mark.slow
 @pytest.mark.engine
-@pytest.mark.parametrize("fault", ["skip_tied_grad_sum"])
-def test_tied_pipeline_parity_fails_on_an_injected_fault(fault, tmp_path_factory):
-    """The tie's gradient left unsummed across stages must fail parity: the first stage's
-    tok_embeddings and the last stage's lm_head each get their own part of the gradient."""
+@pytest.mark.parametrize("fault", list(CAUGHT))
+def test_the_tie_check_stops_a_run_whose_copies_differ(fault, tmp_path):
+    run = run_train(
+        TIED, *PP2, "--training.steps", "2", "--training.local_batch_size", "8",
+        ngpu=2, dump_folder=tmp_path, env=fault_env(fault),
+    )  # fmt: skip
+    assert run.returncode != 0
+    assert f"[fault-shim] {fault}" in run.log
+    assert (
+        "AliasError: tied tok_embeddings.weight (first pipeline stage) and lm_head.weight "
+        f"(last stage) differ {CAUGHT[fault]}"
+    ) in run.log
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_tied_pipeline_parity_fails_without_the_gradient_sum(tmp_path_factory):
+    """The tie's gradient left unsummed across stages (the tie check off) must fail
+    parity: the first stage's tok_embeddings and the last stage's lm_head each get their
+    own part of the gradient."""
+    fault = "skip_tied_grad_sum"
     eager, seed = _eager_and_seed(TIED, tmp_path_factory)
     faulty = _pipeline(
-        "tied_1F1B", seed, tmp_path_factory.mktemp(fault), steps=3,
+        "tied_1F1B", seed, tmp_path_factory.mktemp(fault), *UNCHECKED, steps=3,
         env=fault_env(fault),
     )  # fmt: skip
     assert f"[fault-shim] {fault}" in faulty.log
@@ -177,13 +200,14 @@ def _mismatches(got: dict, want: dict, steps) -> list[str]:
     ]
 
 
-def _pipeline_then_eager(root: Path, *, env: dict | None = None):
+def _pipeline_then_eager(root: Path, *args: str, env: dict | None = None):
     """PP 2 (tied, 1F1B) from its own init, saving every step; then 1-rank eager resumed
     from its step-1 (model, optimizer, schedule, data position). Returns both runs'
     scalars, eager's run and PP's step-1 model state."""
     pp_run, pp = _checkpointed(
         TIED, root / "pp", *PP2, "--training.local_batch_size", "8",
-        "--checkpoint.interval", "1", "--checkpoint.keep_latest_k", "0", ngpu=2, env=env,
+        "--checkpoint.interval", "1", "--checkpoint.keep_latest_k", "0", *args,
+        ngpu=2, env=env,
     )  # fmt: skip
     (root / "eager" / "checkpoint").mkdir(parents=True)
     shutil.copytree(root / "pp" / "checkpoint" / "step-1", root / "eager" / "checkpoint" / "step-1")
@@ -226,10 +250,11 @@ def test_dcp_checkpoints_move_between_tied_pipeline_and_eager_both_ways(tmp_path
 @pytest.mark.slow
 @pytest.mark.engine
 def test_tied_pipeline_without_init_sync_fails_eager_resume(tmp_path):
-    """Each stage's copy of the tie left with its own init: PP's step-1 checkpoint holds
-    two values under the two names, and eager, resumed from it, cannot repeat PP's steps."""
+    """Each stage's copy of the tie left with its own init (the tie check off): PP's step-1
+    checkpoint holds two values under the two names, and eager, resumed from it, cannot
+    repeat PP's steps."""
     fault = "skip_tied_init_sync"
-    pp, eager, step1 = _pipeline_then_eager(tmp_path, env=fault_env(fault))
+    pp, eager, step1 = _pipeline_then_eager(tmp_path, *UNCHECKED, env=fault_env(fault))
     mismatches = _mismatches(eager, pp, range(2, 11))
     print(f"{fault}: {len(mismatches)} of 18 mismatch, e.g. {mismatches[:2]}")
     assert len(mismatches) == 18

@@ -9,7 +9,8 @@ The Trainer keeps the two copies one tensor in value, as Megatron-LM's
 lm_head's init) is sent to the first stage after init; each step the two gradients are
 summed before clipping, so both copies get the gradient of the tied tensor, and the
 gradient norm counts the tie once. With one optimizer state each, fed the same gradients,
-the copies stay bit-equal. Both copies are planned with one placement (all Shard(0),
+the copies stay bit-equal; the Trainer checks that after init and after every step
+(--autoparallel.alias_check). Both copies are planned with one placement (all Shard(0),
 constraints.py), so the local shards of the two ranks of a tie group correspond.
 
 A checkpoint holds both names (each stage saves its own), as the eager model's state_dict
@@ -31,6 +32,7 @@ from torchtitan.tools.logging import logger
 
 FIRST = "tok_embeddings.weight"
 LAST = "lm_head.weight"
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +89,16 @@ class TiedStages:
         with torch.no_grad():
             dist.broadcast(_local(self.copy), src=self.source, group=self.group)
         logger.info(f"Tied {FIRST} = {LAST} across pipeline stages: values synced")
+
+    def differs(self) -> bool:
+        """Whether this rank's shard of the tie and the other end's differ in any bit (a
+        checksum of their bits, exchanged in the tie group)."""
+        local = _local(self.copy).detach().contiguous()
+        bits = local.view(_INT_OF_SIZE[local.element_size()])
+        checksum = bits.sum(dtype=torch.int64).reshape(1)
+        ends = [torch.empty_like(checksum) for _ in range(2)]
+        dist.all_gather(ends, checksum, group=self.group)
+        return not torch.equal(ends[0], ends[1])
 
     def name_optimizer_state_as_eager(self, optimizers) -> None:
         """On the last stage, save and load lm_head.weight's optimizer state (torchtitan's

@@ -20,10 +20,10 @@ from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer as TitanTrainer
 
 from torchtitan_ext import assets, benign_warnings, cpu, patches
-from torchtitan_ext.aliases import storage_bytes
+from torchtitan_ext.aliases import AliasError, storage_bytes
 from torchtitan_ext.dump_folder import write_whole, written_whole
 from torchtitan_ext.parallelize import AliasAwareAutoParallel
-from torchtitan_ext.tied_stages import TiedStages
+from torchtitan_ext.tied_stages import FIRST, LAST, TiedStages
 
 # c10d op (what the program asks for) -> collective kind, for Trainer's collective count.
 # The backend events ("gloo:all_reduce", "nccl:all_gather"...) carry the payload; gloo runs
@@ -253,6 +253,25 @@ class AutoParallelTrainer(Trainer):
             if self.tied_stages is not None:
                 self.tied_stages.sync_values()
                 self.tied_stages.name_optimizer_state_as_eager(self.optimizers)
+                self._check_tied_stages(when="after init")
+
+    def train_step(self, data_iterator):
+        super().train_step(data_iterator)
+        if self.tied_stages is not None:
+            self._check_tied_stages(when=f"after step {self.step}")
+
+    def _check_tied_stages(self, *, when: str) -> None:
+        """The two stages' copies of the tie hold the same bits (--autoparallel.alias_check)."""
+        check = self.config.autoparallel.alias_check
+        if check == "off" or not self.tied_stages.differs():
+            return
+        message = (
+            f"tied {FIRST} (first pipeline stage) and {LAST} (last stage) differ {when}: the "
+            "copies of one tensor were not kept equal"
+        )
+        if check == "error":
+            raise AliasError(message)
+        logger.warning(f"AutoParallel: alias check: {message}")
 
     def _clip_grad_norm(self, clip, parameters, *args, **kwargs) -> torch.Tensor:
         # The tied gradient is summed before it is dumped or clipped.

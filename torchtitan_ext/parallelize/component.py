@@ -68,7 +68,9 @@ class AliasAwareAutoParallel(Configurable):
         alias_check: Literal["error", "warn", "off"] = "error"
         """What to do when the parallel model's aliases do not match the original model's
         (a name missing, a group split into separate tensors, a buffer's persistence
-        changed), checked after parallelization and again after init_weights."""
+        changed), checked after parallelization and again after init_weights; and, under
+        pipeline parallelism, when the stages' copies of tied embeddings differ, checked
+        after init and after every step."""
 
         placement_file: str = ""
         """JSON file holding the solver's placements. If it exists, it is loaded and the
