@@ -61,13 +61,11 @@ class TiedStages:
         assert first is None or last is None, "one rank holds both ends: one tensor"
         pipeline = pp_mesh.mesh.tolist()
         ends = [pipeline[0], pipeline[-1]]
-        if len(pipeline) == 2:
-            group = pp_mesh.get_group()
-        else:
-            pipelines: list[list[int] | None] = [None] * dist.get_world_size()
-            dist.all_gather_object(pipelines, pipeline)
-            every_ends = sorted({(p[0], p[-1]) for p in pipelines if p is not None})
-            group, _ = dist.new_subgroups_by_enumeration([list(e) for e in every_ends])
+        # One group per pipeline, of its first and last rank (the whole pp group at pp 2).
+        pipelines: list[list[int] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(pipelines, pipeline)
+        every_ends = sorted({(p[0], p[-1]) for p in pipelines if p is not None})
+        group, _ = dist.new_subgroups_by_enumeration([list(e) for e in every_ends])
         if first is None and last is None:
             return None
         # torchtitan places stage s on pipeline rank s % pp (looped schedules): the first

@@ -23,6 +23,7 @@ from torchtitan.distributed.fsdp import get_fsdp_reshard_after_forward_policy
 from torchtitan.models.common.moe import RoutedExperts
 from torchtitan.tools.logging import logger
 
+from torchtitan_ext import tied_stages
 from torchtitan_ext.parallelize.expert_parallel import EP_DATA_AXES
 from torchtitan_ext.parallelize.placements import check_placement_file
 from torchtitan_ext.ranks import is_rank0
@@ -94,7 +95,7 @@ class Stage:
         equal to the other stage's (torchtitan_ext.tied_stages); else None."""
         if not self.ties or self.first == self.last:
             return None
-        return "tok_embeddings.weight" if self.first else "lm_head.weight"
+        return tied_stages.FIRST if self.first else tied_stages.LAST
 
     @property
     def name(self) -> str:
@@ -387,19 +388,23 @@ def check_before_launch(config, parallel_dims) -> None:
     if parallel_dims.pp > 1:
         stages = pipeline_stages(config, parallel_dims)
     require_autoparallel()
-    for stage, modules in stages.items():
-        path = placement_path(config.autoparallel, config.dump_folder, stage)
-        if not (path and os.path.exists(path)):
-            continue
-        key = plan_key_of(config, parallel_dims, stage)
-        with torch.device("meta"):
-            model = config.model_spec.model.build()
+    files = {
+        stage: path
+        for stage in stages
+        if (path := placement_path(config.autoparallel, config.dump_folder, stage))
+        and os.path.exists(path)
+    }
+    if not files:
+        return
+    with torch.device("meta"):
+        ranks = parameter_ranks(config.model_spec.model.build())
+    for stage, path in files.items():
         parameters = {
             fqn: rank
-            for fqn, rank in parameter_ranks(model).items()
-            if any(not m or fqn == m or fqn.startswith(f"{m}.") for m in modules)
+            for fqn, rank in ranks.items()
+            if any(not m or fqn == m or fqn.startswith(f"{m}.") for m in stages[stage])
         }
-        check_placement_file(path, key, parameters=parameters)
+        check_placement_file(path, plan_key_of(config, parallel_dims, stage), parameters=parameters)
 
 
 def parameter_ranks(model) -> dict[str, int]:
