@@ -10,6 +10,9 @@ parallelism).
     python -m benchmarks.scaling --layers 4 --mesh 8     # one point, prints JSON
     python -m benchmarks.scaling --config qwen3_30b_a3b_autoparallel --mesh 64 --ep 8
     python -m benchmarks.scaling --named    # every named point: results/cold-start.{json,md}
+    python -m benchmarks.scaling --depth    # phases by depth: results/cold-start-depth.{json,md}
+    torchrun --nproc-per-node 8 -m benchmarks.scaling --config deepseek_v3_16b_autoparallel \
+        --ep 8 --layers 2           # real gloo ranks, each planning on the meta device
 
 Compiled configs report Inductor's compile of AutoParallel's graphs (at apply, on fake
 tensors) as its own phase, ``compile``.
@@ -18,6 +21,7 @@ tensors) as its own phase, ``compile``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -41,11 +45,25 @@ NAMED = (
     ("deepseek_v3_16b_autoparallel", 64, 8),
 )
 
+# (config, fake ranks, expert_parallel_degree): the large configs, planned at each of
+# DEPTHS layers and at their full depth.
+DEPTH_CONFIGS = (
+    ("llama3_8b_autoparallel", 64, 1),
+    ("deepseek_v3_16b_autoparallel", 64, 8),
+    ("qwen3_30b_a3b_autoparallel", 64, 8),
+)
+DEPTHS = (2, 8, 16)
+PHASES = ("trace", "solve", "apply", "compile")
 
-def plan_point(config_name: str, *, mesh: int, layers: int | None = None, ep: int = 1) -> dict:
+
+def plan_point(
+    config_name: str, *, mesh: int | None, layers: int | None = None, ep: int = 1
+) -> dict:
     """Plan one config on ``mesh`` fake ranks (FSDP over all of them; with ``ep`` > 1,
-    experts on ep of them); ``layers`` cuts or repeats the config's layers."""
+    experts on ep of them); ``layers`` cuts or repeats the config's layers. Under torchrun
+    (``mesh`` None): on its gloo ranks, each planning on the meta device."""
     import tempfile
+    import time
 
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -53,7 +71,12 @@ def plan_point(config_name: str, *, mesh: int, layers: int | None = None, ep: in
     import config_registry
     from torchtitan_ext.parallelize import plan_model
 
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=mesh)
+    if mesh is None:
+        dist.init_process_group("gloo")
+        mesh = dist.get_world_size()
+    else:
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=mesh)
+    start = time.perf_counter()
     config = getattr(config_registry, config_name)()
     config.parallelism.expert_parallel_degree = ep
     # The plan is for a mesh of `mesh` ranks, whatever the config's own degrees.
@@ -68,7 +91,16 @@ def plan_point(config_name: str, *, mesh: int, layers: int | None = None, ep: in
         ]
     _, _, component = plan_model(config, world_size=mesh, dump_folder=tempfile.mkdtemp())
     times = component.times
+    # Every rank's phases: on real ranks the start ends with the slowest.
+    ranks = [None] * (1 if dist.get_backend() == "fake" else mesh)
+    mine = {"wall": time.perf_counter() - start, **dataclasses.asdict(times)}
+    if len(ranks) == 1:
+        ranks = [mine]
+    else:
+        dist.all_gather_object(ranks, mine)
     return {
+        "ranks": ranks,
+        "wall": max(r["wall"] for r in ranks),
         "config": config_name,
         "layers": len(model_config.layers),
         "mesh": mesh,
@@ -122,6 +154,62 @@ def named_table(done: list[dict]) -> list[dict]:
     ]
 
 
+def depth_table(results: Path, *, fresh: bool) -> list[dict]:
+    """Every DEPTH_CONFIGS config at each of DEPTHS layers and at its full depth, each in
+    its own process, written to ``results`` as each point ends; unless ``fresh``, points
+    already there are kept (a full-depth MoE point takes a quarter hour)."""
+    import config_registry
+
+    done = [] if fresh or not results.exists() else json.loads(results.read_text())
+    by_point = {(p["config"], p["layers"]): p for p in done}
+    points = []
+    for name, mesh, ep in DEPTH_CONFIGS:
+        full = len(getattr(config_registry, name)().model_spec.model.layers)
+        for layers in (*DEPTHS, full):
+            args = ["--config", name, "--mesh", str(mesh), "--ep", str(ep), "--layers", str(layers)]
+            points.append(by_point.get((name, layers)) or _run_point(args))
+            results.write_text(json.dumps(points, indent=2))
+    return points
+
+
+def depth_markdown(points: list[dict]) -> str:
+    """Each phase by depth, and what each layer past the previous point added against the
+    mean layer of the 2-layer point (the issue's bound: a tenth)."""
+    import platform
+
+    lines = [
+        f"Cold start by depth on fake ranks (one process, meta device), {platform.machine()}, "
+        f"{os.cpu_count()} cores; `python -m benchmarks.scaling --depth`. Seconds per phase; "
+        "\"per layer\": what each layer past the previous row added, as a share of the "
+        "2-layer row's mean layer (phase / 2).",
+        "",
+        "| config | layers | fake ranks | ep | trace | solve | apply | t+s+a | compile "
+        "| per layer: trace | solve | apply | compile |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    previous: dict | None = None
+    for p in points:
+        if previous is None or previous["config"] != p["config"]:
+            first, previous = p, None
+        shares = [""] * len(PHASES)
+        if previous is not None:
+            added = p["layers"] - previous["layers"]
+            shares = [
+                f"{(p[k] - previous[k]) / added / (first[k] / first['layers']):.2f}"
+                if p.get(k) and first.get(k) and previous.get(k)
+                else ""
+                for k in PHASES
+            ]
+        compile_s = f"{p['compile']:.1f}" if p.get("compile") else ""
+        lines.append(
+            f"| {p['config']} | {p['layers']} | {p['mesh']} | {p['ep']} | {p['trace']:.1f} "
+            f"| {p['solve']:.1f} | {p['apply']:.1f} | {p['trace'] + p['solve'] + p['apply']:.1f} "
+            f"| {compile_s} | {' | '.join(shares)} |"
+        )
+        previous = p
+    return "\n".join(lines) + "\n"
+
+
 def named_markdown(points: list[dict]) -> str:
     import platform
 
@@ -169,10 +257,24 @@ def main() -> None:
     )
     parser.add_argument(
         "--output", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "cold-start",
-        help="with --named: writes OUTPUT.json and OUTPUT.md; points already there are kept",
+        help="with --named: writes OUTPUT.json and OUTPUT.md (points already there are kept); "
+        "--depth: OUTPUT-depth.{json,md}; under torchrun: appends to OUTPUT-ranks.json",
     )  # fmt: skip
-    parser.add_argument("--fresh", action="store_true", help="with --named: measure every point")
+    parser.add_argument(
+        "--depth", action="store_true",
+        help="the large configs at 2, 8, 16 and all their layers, each in a process, as a table",
+    )  # fmt: skip
+    parser.add_argument(
+        "--fresh", action="store_true", help="with --named or --depth: measure every point"
+    )
     args = parser.parse_args()
+    if args.depth:
+        output = args.output.with_name(args.output.name + "-depth")
+        points = depth_table(output.with_suffix(".json"), fresh=args.fresh)
+        table = depth_markdown(points)
+        output.with_suffix(".md").write_text(table)
+        print(table)
+        return
     if args.named:
         results = args.output.with_suffix(".json")
         done = [] if args.fresh or not results.exists() else json.loads(results.read_text())
@@ -182,9 +284,17 @@ def main() -> None:
         args.output.with_suffix(".md").write_text(table)
         print(table)
         return
+    if args.mesh is None and "RANK" not in os.environ:
+        parser.error("--mesh is required (or --named, --depth, or torchrun)")
+    point = plan_point(args.config, mesh=args.mesh, layers=args.layers, ep=args.ep)
+    if args.mesh is None and os.environ["RANK"] != "0":
+        return
+    print(json.dumps(point))
     if args.mesh is None:
-        parser.error("--mesh is required (or --named)")
-    print(json.dumps(plan_point(args.config, mesh=args.mesh, layers=args.layers, ep=args.ep)))
+        # Real ranks: appended to OUTPUT-ranks.json, the file of such points.
+        results = args.output.with_name(args.output.name + "-ranks").with_suffix(".json")
+        done = json.loads(results.read_text()) if results.exists() else []
+        results.write_text(json.dumps([*done, point], indent=2))
 
 
 if __name__ == "__main__":

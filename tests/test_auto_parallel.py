@@ -463,3 +463,43 @@ def test_matmul_sizes_of_a_dynamic_trace_count_by_their_example_values():
     assert _size_hint(6) == 6
     (line,) = [line for line in PlanReport(mesh={"ep": 2}).lines() if "matmul FLOPs" in line]
     assert line == "forward matmul FLOPs on this rank: unknown (no matmul of known size)"
+
+
+def _plan_on_ranks(ranks: int, *args: str) -> tuple[int, str]:
+    """tests.support.plan_probe on ``ranks`` gloo ranks (torchrun, every rank's output)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+         "--tee", "3", "-m", "tests.support.plan_probe", *args],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.mark.engine
+def test_one_rank_solves_and_the_others_apply_its_plan():
+    """On 2 gloo ranks, rank 0 builds the solver's ILP and solves; rank 1 receives its
+    placements, building no ILP: both apply the same plan (every parameter's placements)."""
+    returncode, output = _plan_on_ranks(2, "--layers", "1")
+    assert returncode == 0, output[-3000:]
+    ranks = {
+        point["rank"]: point
+        for line in output.splitlines()
+        if '{"rank"' in line
+        for point in [json.loads(line[line.index("{") :])]
+    }
+    assert {r: (p["solves"], p["ilps"]) for r, p in ranks.items()} == {0: (1, 1), 1: (0, 0)}
+    assert ranks[0]["report"]["parameters"] == ranks[1]["report"]["parameters"]
+    assert ranks[1]["report"]["parameters"], ranks[1]["report"]
+
+
+@pytest.mark.engine
+def test_a_failed_solve_stops_every_rank_with_its_error():
+    """Rank 0's solve raises: rank 1, waiting for its placements, stops with rank 0's
+    error instead of waiting for a timeout."""
+    returncode, output = _plan_on_ranks(2, "--layers", "1", "--fail-solve")
+    assert returncode != 0
+    rank1 = [line for line in output.splitlines() if "[rank1]" in line and "Error" in line]
+    assert any(
+        "the mesh's first rank failed to solve: RuntimeError: probe: rank 0's solve failed" in line
+        for line in rank1
+    ), output[-3000:]

@@ -74,15 +74,19 @@ def _autop():
         get_log=lambda colored: "one line per graph node\n" * 50,
         graph=torch.fx.Graph(),  # no parameter nodes
     )
-    return SimpleNamespace(optimize_placement=lambda: "solved", sharding_optimizer=optimizer)
+    return SimpleNamespace(
+        optimize_placement=lambda: "solved",
+        sharding_optimizer=optimizer,
+        mesh=SimpleNamespace(size=lambda: 1),  # one rank: it solves
+    )
 
 
 def _solve(dump, placement_file: str = ""):
     from torchtitan_ext.parallelize.placements import solve_or_load
 
     return solve_or_load(
-        _autop(), path=placement_file, key=KEY, parameters={}, dump=dump,
-        dump_placements=True, writes=True,
+        _autop(), loads=bool(placement_file) and os.path.exists(placement_file),
+        path=placement_file, key=KEY, parameters={}, dump=dump, dump_placements=True, writes=True,
     )  # fmt: skip
 
 

@@ -5,6 +5,7 @@ Called by the AutoParallel component (any device):
 - ``adapt_local_map_hop``: the expert region's local_map (HOP naming, in_grad_placements)
 - ``memoized_redistribute_costs``: AutoParallel's strategy tables, built in a fraction
 - ``memoized_optimizer_input_nodes``: the ILP's variables, built without re-reading inputs
+- ``strategies_only_optimizer``: no ILP on a rank that does not solve
 - ``optimizer_outside_gc``: the ILP built and solved without the garbage collector's passes
 - ``memoized_sympy_factor``: size hints of unbacked expressions, factored once
 - ``reset_autoparallel_caches``: AutoParallel's caches keyed without the mesh
@@ -153,6 +154,43 @@ def memoized_optimizer_input_nodes() -> Iterator[None]:
         yield
     finally:
         ShardingOptimizer._all_input_nodes = input_nodes
+
+
+@contextlib.contextmanager
+def strategies_only_optimizer(enabled: bool) -> Iterator[None]:
+    """With ``enabled`` (a rank that does not solve: it receives the solving rank's
+    placements, or loads a placement file), AutoParallel builds its ShardingOptimizer's
+    strategy table, which placements are matched against, and not the ILP over it.
+
+    AutoParallel a54c252 builds the ILP (a decision variable per strategy pair with its
+    communication and compute cost, and the default constraints) in the optimizer's
+    constructor, on every rank, though only a solve reads it: two thirds of the
+    construction for the 2-layer Qwen3 30B-A3B on 64 ranks (EP 8). Such a rank adds no
+    constraint and does not solve; anything that would read the ILP fails on the missing
+    attribute. Goes when AutoParallel builds the ILP at the first constraint or solve.
+    """
+    if not enabled:
+        yield
+        return
+    from autoparallel import api
+    from autoparallel.optimize_sharding import ShardingOptimizer, concretize_gm
+
+    class StrategiesOnly(ShardingOptimizer):
+        # The constructor's first part (a54c252): the concrete graph and strategy table.
+        def __init__(self, gm, mesh, *args, **kwargs):
+            self.orig_gm = gm
+            self.gm, self._orig_to_concrete, self._concrete_to_orig = concretize_gm(gm)
+            self.graph = self.gm.graph
+            self.mesh = mesh
+            self.strats = self.build_sharding_metadata()
+            self.nodes = list(self.strats)
+            self.node_map = {node: i for i, node in enumerate(self.nodes)}
+
+    api.ShardingOptimizer = StrategiesOnly
+    try:
+        yield
+    finally:
+        api.ShardingOptimizer = ShardingOptimizer
 
 
 @contextlib.contextmanager

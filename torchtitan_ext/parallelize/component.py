@@ -10,6 +10,7 @@ own module: spec, graph_cache, expert_parallel, trace (here), constraints, place
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -227,9 +228,13 @@ class AliasAwareAutoParallel(Configurable):
             all_reduce_bucket_mb=config.all_reduce_bucket_mb,
             reporter=reporter,
         )
+        # One rank of the mesh solves; the others receive its placements (placements.py).
+        loads = bool(spec.placement_path) and os.path.exists(spec.placement_path)
+        solves = spec.writes and not loads
         t0 = time.perf_counter()
         with (
             compiling,
+            patches.strategies_only_optimizer(not solves),
             patches.memoized_redistribute_costs(),
             patches.memoized_optimizer_input_nodes(),
             patches.optimizer_outside_gc(),
@@ -254,12 +259,24 @@ class AliasAwareAutoParallel(Configurable):
                     axes=spec.axes,
                     experts=sum(".inner_experts." in f for f in aliases.names["parameters"]),
                 )
-            constrain(
-                autop, spec, alias_map=aliases.alias_map, parallel_matmuls=config.parallel_matmuls
+            low, high = spec.memory_bounds
+            mesh = dict(zip(spec.axes, spec.mesh.shape, strict=True))
+            logger.info(
+                f"AutoParallel: planning on mesh {mesh}, global batch {spec.batch} x "
+                f"{spec.key['inputs'][1]}, parameter memory per rank in [{low:.3g}, {high:.3g}] "
+                "of the model"
             )
+            if solves:
+                constrain(
+                    autop,
+                    spec,
+                    alias_map=aliases.alias_map,
+                    parallel_matmuls=config.parallel_matmuls,
+                )
             t0 = time.perf_counter()
             placement = solve_or_load(
                 autop,
+                loads=loads,
                 path=spec.placement_path,
                 key=spec.key,
                 parameters=parameter_ranks(model),

@@ -14,7 +14,6 @@ import functools
 
 import torch
 from torch.distributed.tensor.placement_types import Replicate, Shard
-from torchtitan.tools.logging import logger
 
 from torchtitan_ext.aliases import AliasMap
 from torchtitan_ext.parallelize.spec import PlanSpec
@@ -23,11 +22,6 @@ from torchtitan_ext.parallelize.spec import PlanSpec
 def constrain(autop, spec: PlanSpec, *, alias_map: AliasMap, parallel_matmuls: bool) -> None:
     """Every constraint of a plan, added to AutoParallel's sharding optimizer."""
     low, high = spec.memory_bounds
-    logger.info(
-        f"AutoParallel: planning on mesh {dict(zip(spec.axes, spec.mesh.shape, strict=True))}"
-        f", global batch {spec.batch} x {spec.key['inputs'][1]}, parameter memory per rank "
-        f"in [{low:.3g}, {high:.3g}] of the model"
-    )
     autop.add_input_constraints([spec.input_placement, spec.input_placement])
     autop.add_output_constraints([spec.logits_placement])
     autop.add_parameter_memory_constraint(low=low, high=high)

@@ -2,6 +2,11 @@
 plan key they were solved for (plan_key) and the parameters they place, checked before they
 are used; and the placement dumps (--autoparallel.dump_placements).
 
+Every rank of a mesh traces the same graph and would solve the same ILP: one rank solves
+(the one that writes the start's files, the mesh's first) and sends the others its
+placements in the placement file's form, which each matches to its own strategies as it
+would a file's, so every rank applies the same plan without the solve.
+
 A placement file is AutoParallel's (graph node name -> output and input placements, e.g.
 "S(0)R" on a 2-D mesh) with two fields of ours: the plan key, and each parameter node's FQN
 and rank (number of dims). AutoParallel's load_placements ignores them. The check compares
@@ -15,7 +20,9 @@ import json
 import os
 import re
 import shutil
+import tempfile
 
+import torch.distributed as dist
 from torchtitan.tools.logging import logger
 
 from torchtitan_ext.dump_folder import write_whole, written_whole
@@ -29,6 +36,7 @@ _PLACEMENT = re.compile(r"S\((\d+)\)|R|P(\([a-z_]*\))?")
 def solve_or_load(
     autop,
     *,
+    loads: bool,
     path: str,
     key: dict,
     parameters: dict[str, int],
@@ -36,14 +44,16 @@ def solve_or_load(
     dump_placements: bool,
     writes: bool,
 ):
-    """Solve, or load the placement file ``path`` (after checking it against ``key`` and
-    ``parameters``, FQN -> rank); save the solution to ``path`` and, with
-    ``dump_placements``, to ``dump``. Returns the placement AutoParallel's apply takes."""
+    """With ``loads``, load the placement file ``path`` (after checking it against ``key``
+    and ``parameters``, FQN -> rank); else solve on the rank that ``writes`` (the mesh's
+    first) and receive its solution on the others. The solving rank saves the solution to
+    ``path`` and, with ``dump_placements``, to ``dump``. Returns the placement AutoParallel's
+    apply takes."""
     from autoparallel.serialization import load_placements, save_placements
 
-    solved = not (path and os.path.exists(path))
+    solved = not loads
     if solved:
-        placement = autop.optimize_placement()
+        placement = _solve_on_one_rank(autop, solver=writes)
     else:
         check_placement_file(path, key, parameters=parameters)
         placement = load_placements(autop.sharding_optimizer, path)
@@ -68,6 +78,47 @@ def solve_or_load(
     elif dump_placements:
         with written_whole(dumped) as tmp:
             shutil.copyfile(path, tmp)
+    return placement
+
+
+def _solve_on_one_rank(autop, *, solver: bool):
+    """The solve on the mesh's first rank (``solver``); the mesh's other ranks receive its
+    placements, or its error, and match them to their strategies. A rank whose graph
+    differs from the solver's cannot match them and stops, naming the node."""
+    from autoparallel.serialization import load_placements, save_placements
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    mesh = autop.mesh
+    if mesh.size() == 1:
+        return autop.optimize_placement()
+    # The group and the broadcast's tensors are real; AutoParallel's fake mode is active.
+    with unset_fake_temporarily():
+        group = (mesh if mesh.ndim == 1 else mesh._flatten()).get_group()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "placements.json")
+        # [placement file text, or the solver's error]
+        sent: list[str | None] = [None, None]
+        try:
+            if solver:
+                placement = autop.optimize_placement()
+                save_placements(autop.sharding_optimizer, path)
+                with open(path) as f:
+                    sent[0] = f.read()
+        except Exception as e:
+            sent[1] = f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            # The others wait here for the solution: they receive the error, not a timeout.
+            with unset_fake_temporarily():
+                dist.broadcast_object_list(sent, group=group, group_src=0)
+        if solver:
+            return placement
+        if sent[1] is not None:
+            raise RuntimeError(f"the mesh's first rank failed to solve: {sent[1]}")
+        with open(path, "w") as f:
+            f.write(sent[0])
+        placement = load_placements(autop.sharding_optimizer, path)
+    logger.info("AutoParallel: placements from the mesh's first rank (no solve here)")
     return placement
 
 
