@@ -503,3 +503,17 @@ def test_a_failed_solve_stops_every_rank_with_its_error():
         "the mesh's first rank failed to solve: RuntimeError: probe: rank 0's solve failed" in line
         for line in rank1
     ), output[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_a_rank_that_traced_another_graph_stops_naming_it():
+    """Rank 1 builds a 1-layer model, rank 0 a 2-layer one: rank 1 cannot match rank 0's
+    placements to its graph and stops, saying so, instead of applying a plan for another
+    graph."""
+    returncode, output = _plan_on_ranks(2, "--layers", "2", "--rank1-layers", "1")
+    assert returncode != 0
+    assert any(
+        "[rank1]" in line and "rank 1 traced another graph than the mesh's first rank" in line
+        for line in output.splitlines()
+    ), output[-3000:]

@@ -3,7 +3,7 @@ print the plan report as JSON on the last line (for tests that need another worl
 their own process's). Under torchrun (no ``--world``), on its gloo ranks, each planning on
 the meta device: each rank prints ``{"rank", "solves", "ilps", "report"}`` (how many times
 it ran AutoParallel's solve, and built the solver's ILP); ``--fail-solve`` makes rank 0's
-solve raise.
+solve raise, ``--rank1-layers N`` gives rank 1 another model (N layers).
 
     python -m tests.support.plan_probe --world 8 --layers 2 --parallelism.tensor_parallel_degree 2
     torchrun --nproc-per-node 2 --tee 3 -m tests.support.plan_probe --layers 1
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 
 import torch.distributed as dist
@@ -28,10 +29,13 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=0, help="keep the first N layers")
     parser.add_argument("--config", default="llama3_debugmodel_autoparallel")
     parser.add_argument("--fail-solve", action="store_true", help="rank 0's solve raises")
+    parser.add_argument("--rank1-layers", type=int, default=0, help="rank 1 keeps N layers")
     args, overrides = parser.parse_known_args()
     config = ConfigManager().parse_args(
         ["--module", "config_registry", "--config", args.config, *overrides]
     )
+    if args.rank1_layers and os.environ.get("RANK") == "1":
+        args.layers = args.rank1_layers
     if args.layers:
         config.model_spec.model.layers = config.model_spec.model.layers[: args.layers]
     if args.world is not None:

@@ -117,7 +117,14 @@ def _solve_on_one_rank(autop, *, solver: bool):
             raise RuntimeError(f"the mesh's first rank failed to solve: {sent[1]}")
         with open(path, "w") as f:
             f.write(sent[0])
-        placement = load_placements(autop.sharding_optimizer, path)
+        try:
+            placement = load_placements(autop.sharding_optimizer, path)
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"rank {dist.get_rank()} traced another graph than the mesh's first rank, "
+                f"whose placements it received ({e}); every rank must build the same model "
+                "from the same config"
+            ) from e
     logger.info("AutoParallel: placements from the mesh's first rank (no solve here)")
     return placement
 
