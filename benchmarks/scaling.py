@@ -92,11 +92,10 @@ def plan_point(
     _, _, component = plan_model(config, world_size=mesh, dump_folder=tempfile.mkdtemp())
     times = component.times
     # Every rank's phases: on real ranks the start ends with the slowest.
-    ranks = [None] * (1 if dist.get_backend() == "fake" else mesh)
     mine = {"wall": time.perf_counter() - start, **dataclasses.asdict(times)}
-    if len(ranks) == 1:
-        ranks = [mine]
-    else:
+    ranks = [mine]
+    if dist.get_backend() != "fake":
+        ranks = [None] * mesh
         dist.all_gather_object(ranks, mine)
     return {
         "ranks": ranks,
@@ -180,7 +179,7 @@ def depth_markdown(points: list[dict]) -> str:
     lines = [
         f"Cold start by depth on fake ranks (one process, meta device), {platform.machine()}, "
         f"{os.cpu_count()} cores; `python -m benchmarks.scaling --depth`. Seconds per phase; "
-        "\"per layer\": what each layer past the previous row added, as a share of the "
+        '"per layer": what each layer past the previous row added, as a share of the '
         "2-layer row's mean layer (phase / 2).",
         "",
         "| config | layers | fake ranks | ep | trace | solve | apply | t+s+a | compile "

@@ -51,8 +51,7 @@ def solve_or_load(
     apply takes."""
     from autoparallel.serialization import load_placements, save_placements
 
-    solved = not loads
-    if solved:
+    if not loads:
         placement = _solve_on_one_rank(autop, solver=writes)
     else:
         check_placement_file(path, key, parameters=parameters)
@@ -62,14 +61,14 @@ def solve_or_load(
         return placement
     os.makedirs(dump, exist_ok=True)
     # Each file is replaced whole, AutoParallel's placements and our key in one write.
-    if solved and path:
+    if not loads and path:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with written_whole(path) as tmp:
             save_placements(autop.sharding_optimizer, tmp)
             _add_our_fields(tmp, key, autop.sharding_optimizer.graph)
         logger.info(f"AutoParallel: saved placements to {path}")
     dumped = os.path.join(dump, "placements.json")
-    if dump_placements and solved:
+    if dump_placements and not loads:
         with written_whole(dumped) as tmp:
             save_placements(autop.sharding_optimizer, tmp)
             _add_our_fields(tmp, key, autop.sharding_optimizer.graph)
