@@ -15,7 +15,10 @@ timed steps, or the variant gets no ratio, with the reason. Rounds interleave th
 (steps) and across rounds. A round that failed or timed fewer steps is reported (rounds
 used / run) and not used; a variant with fewer used rounds than asked gets no ratio. Each
 AutoParallel variant is compared with the fastest of its baselines' eager and compiled
-forms. Writes <output>/latest.json, latest.md and latest.png (--name sets the stem; the
+forms. Warm starts (--no-warm skips them): each AutoParallel variant of WARM_BASELINES and
+its torchtitan baseline start once cold, then 3 interleaved times reusing that dump folder
+(placement file, graph cache, compile caches); start to step 1, medians. Writes
+<output>/latest.json, latest.md and latest.png (--name sets the stem; the
 chart needs the bench extra's matplotlib) and prints the ratios last.
 """
 
@@ -128,6 +131,10 @@ VARIANTS = [
     ),
     Variant("titan_moe_ep", "MoE: torchtitan EP 2", _MOE, _TITAN_EP, suite="moe"),
     Variant(
+        "titan_moe_ep_compiled", "MoE: torchtitan EP 2 + per-block compile", _MOE,
+        (*_TITAN_EP, *_COMPILE), suite="moe",
+    ),
+    Variant(
         "ap_moe", "MoE: AutoParallel, solver's plan (no EP)", _MOE,
         baselines=("titan_moe_ep",), autoparallel=True, suite="moe",
     ),
@@ -141,7 +148,7 @@ VARIANTS = [
     ),
     Variant(
         "ap_moe_ep_compiled", "MoE: AutoParallel EP 2, compiled", _MOE, (*_EP, *_COMPILE),
-        baselines=("titan_moe_ep",), autoparallel=True, suite="moe",
+        baselines=("titan_moe_ep", "titan_moe_ep_compiled"), autoparallel=True, suite="moe",
     ),
     # torchtitan refuses tied embeddings with PP: the PP suite trains the untied model.
     Variant(
@@ -459,11 +466,21 @@ def _not_comparable(entry: dict) -> str:
 
 # Warm starts: each AutoParallel variant against torchtitan's own start of the same model
 # (eager with eager, compiled with compiled).
-WARM_BASELINES = {"ap_fsdp": "titan_fsdp", "ap_fsdp_compiled": "titan_fsdp_compiled"}
+WARM_BASELINES = {
+    "ap_fsdp": "titan_fsdp",
+    "ap_fsdp_compiled": "titan_fsdp_compiled",
+    "ap_moe_ep": "titan_moe_ep",
+    "ap_moe_ep_compiled": "titan_moe_ep_compiled",
+}
 
 
 def warm_starts(
-    *, ngpu: int, dump_root: Path, keys: list[str], seed_checkpoint: Path, rounds: int = 3
+    *,
+    ngpu: int,
+    dump_root: Path,
+    keys: list[str],
+    seed_checkpoints: dict[str, Path],
+    rounds: int = 3,
 ) -> dict[str, dict]:
     """Start-to-first-step of a cold start, then of ``rounds`` interleaved warm starts
     reusing the cold start's dump folder (placement file, graph cache, compile caches);
@@ -478,7 +495,7 @@ def warm_starts(
         variant = BY_KEY[key]
         result = run_variant(
             variant, round_index=attempt, ngpu=ngpu, warmup=1, steps=1,
-            dump=dump_root / f"warm-{key}", seed_checkpoint=seed_checkpoint,
+            dump=dump_root / f"warm-{key}", seed_checkpoint=seed_checkpoints[variant.suite],
             extra=extra if variant.autoparallel else (),
         )  # fmt: skip
         seconds = result.start_to_first_step_s if result.returncode == 0 else float("nan")
@@ -736,12 +753,11 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [asdict(r) | {"log_tail": r.log_tail[-500:]} for r in results],
     }
     report["ratios"] = ratios(report["summary"])
-    warm_keys = [k for k in ("titan_fsdp", "ap_fsdp", "titan_fsdp_compiled", "ap_fsdp_compiled")
-                 if k in keys]  # fmt: skip
-    if not args.no_warm and warm_keys and "dense" in seed_checkpoints:
+    # Each AutoParallel variant after its torchtitan baseline, in WARM_BASELINES' order.
+    warm_keys = [k for pair in WARM_BASELINES.items() for k in reversed(pair) if k in keys]
+    if not args.no_warm and warm_keys:
         report["warm_starts"] = warm_starts(
-            ngpu=args.ngpu, dump_root=args.work, keys=warm_keys,
-            seed_checkpoint=seed_checkpoints["dense"],
+            ngpu=args.ngpu, dump_root=args.work, keys=warm_keys, seed_checkpoints=seed_checkpoints,
         )  # fmt: skip
     if not args.no_scaling and any(BY_KEY[k].autoparallel for k in keys):
         from benchmarks.scaling import scaling_table

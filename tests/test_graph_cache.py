@@ -453,9 +453,10 @@ def test_warm_start_rebuilds_the_module_without_autoparallel(
 
 
 _SAME_STEP = r"""
-import os, sys, tempfile, pytest, torch, torch.distributed as dist
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
-dist.init_process_group("gloo", rank=0, world_size=1)
+import sys, pytest, torch, torch.distributed as dist
+from torch.distributed.tensor import distribute_tensor
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
 import config_registry
 from torchtitan.config import ConfigManager
 from torchtitan_ext.parallelize import plan_model
@@ -463,26 +464,33 @@ from tests.test_graph_cache import COLD, WARM, count_phases
 results = []
 for start in ("cold", "warm"):
     config = ConfigManager().parse_args(
-        ["--module", "config_registry", "--config", sys.argv[1], *sys.argv[4:]])
+        ["--module", "config_registry", "--config", sys.argv[1], *sys.argv[3:]])
     # Counted through the step: Inductor may compile the backward at the first backward.
     with pytest.MonkeyPatch.context() as m:
         calls, rebuilt = count_phases(m)
-        _, model, component = plan_model(config, world_size=1, dump_folder=sys.argv[3])
+        _, model, component = plan_model(config, world_size=world, dump_folder=sys.argv[2])
         model.to_empty(device="cpu")
-        torch.manual_seed(0)
         with torch.no_grad():
             model.init_weights(buffer_device=torch.device("cpu"))
-        torch.manual_seed(1)
-        tokens = torch.randint(0, config.model_spec.model.vocab_size, (8, config.training.seq_len))
-        positions = torch.arange(config.training.seq_len).repeat(8, 1)
+            # The same values on every rank and at both starts, without DTensor's RNG.
+            g = torch.Generator().manual_seed(0)
+            for p in model.parameters():
+                full = torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.02
+                p.copy_(distribute_tensor(full, p.device_mesh, p.placements))
+        torch.manual_seed(1 + rank)
+        batch, seq_len = config.training.local_batch_size, config.training.seq_len
+        tokens = torch.randint(0, config.model_spec.model.vocab_size, (batch, seq_len))
+        positions = torch.arange(seq_len).repeat(batch, 1)
         logits = model(tokens, positions=positions)
         logits.float().pow(2).mean().backward()
         grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
         with torch.no_grad():
             inference = model(tokens, positions=positions)
     compiled = calls.pop("inductor", 0)
-    print(f"CALLS {start}: {dict(calls)}, inductor {compiled}")
-    assert calls == (COLD if start == "cold" else WARM), (start, calls)
+    print(f"CALLS {start} rank {rank}: {dict(calls)}, inductor {compiled}")
+    # The mesh's first rank solves; the others receive its placements (placements.py).
+    cold = {k: n for k, n in COLD.items() if k != "solve" or rank == 0}
+    assert calls == (cold if start == "cold" else WARM), (start, calls)
     assert (compiled > 0) == (start == "cold" and config.compile.enable), (start, compiled)
     results.append((logits.detach(), grads, inference))
 (logits, grads, inference), (warm_logits, warm_grads, warm_inference) = results
@@ -495,40 +503,45 @@ else:
     assert torch.equal(inference, warm_inference)
 worst = max((grads[n] - warm_grads[n]).abs().max().item() for n in grads)
 scale = max(g.abs().max().item() for g in grads.values())
-print(f"GRADS max |d| {worst:.3g} of max |g| {scale:.3g}")
+print(f"GRADS rank {rank} max |d| {worst:.3g} of max |g| {scale:.3g}")
 assert worst <= 1e-6 * scale, (worst, scale)
 """
 
+_EP = ("--parallelism.expert_parallel_degree", "2")
 
-@pytest.mark.slow  # two starts and a step in a fresh process (~25 s)
+
+@pytest.mark.slow  # two starts and a step in fresh processes (25-120 s)
 @pytest.mark.engine
 @pytest.mark.parametrize(
-    "config, flags",
+    "config, flags, ranks",
     [
-        (CONFIG, ()),
-        ("llama3_debugmodel_shared_rope_autoparallel", ()),
+        (CONFIG, (), 1),
+        ("llama3_debugmodel_shared_rope_autoparallel", (), 1),
         # Inductor compiles at the cold start (~25 s); the warm one loads its code.
-        (CONFIG, ("--compile.enable", "--training.seq_len", "64")),
+        (CONFIG, ("--compile.enable", "--training.seq_len", "64"), 1),
+        # Expert parallelism on 2 ranks: the tokens each rank's experts receive are sized by
+        # the routing at each step (unbacked sizes in the cached graphs).
+        ("qwen3_moe_debug_autoparallel", _EP, 2),
+        ("qwen3_moe_debug_autoparallel", (*_EP, "--compile.enable", "--training.seq_len", "64"), 2),
     ],
-    ids=["eager", "shared_rope", "compiled"],
+    ids=["eager", "shared_rope", "compiled", "expert_parallel", "expert_parallel_compiled"],
 )
-def test_warm_module_computes_what_the_cold_one_does(config, flags, tmp_path):
+def test_warm_module_computes_what_the_cold_one_does(config, flags, ranks, tmp_path):
     """Logits equal bit for bit; gradients to 1e-6 of their size (the backward's CPU
-    reductions are not bitwise deterministic run to run, cold or warm: ~3e-11 here).
-    Compiled: the warm start neither traces nor compiles."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    reductions are not bitwise deterministic run to run, cold or warm: ~3e-11 here), on
+    every rank. Compiled: the warm start neither traces nor compiles."""
+    script = tmp_path / "same_step.py"
+    script.write_text(_SAME_STEP)
     proc = subprocess.run(
-        [sys.executable, "-c", _SAME_STEP, config, str(port), str(tmp_path), *flags],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone",
+         "--nproc-per-node", str(ranks), str(script), config, str(tmp_path / "dump"), *flags],
         cwd=REPO_ROOT,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         capture_output=True,
         text=True,
-        timeout=600,
-    )
+        timeout=900,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "GRADS" in proc.stdout
-    assert "CALLS warm: {'rebuild': 1}, inductor 0" in proc.stdout, proc.stdout[-2000:]
+    for rank in range(ranks):
+        assert f"GRADS rank {rank}" in proc.stdout, proc.stdout[-2000:]
+        assert f"CALLS warm rank {rank}: {{'rebuild': 1}}, inductor 0" in proc.stdout

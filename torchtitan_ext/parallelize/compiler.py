@@ -28,8 +28,8 @@ from torchtitan_ext.parallelize.report import PlanReporter
 def prepare_inductor(*, dump_folder: str, cache_dir: str, ac: bool) -> None:
     """Before a compiled start (graph cache or cold): Inductor's cache folder (its C++
     kernels and its FX graph cache) under the dump folder, and _grouped_mm's input strides.
-    The FX graph cache serves only expert-parallel graphs (the others are traced without a
-    ShapeEnv: "No shape env"); the graph cache serves the others."""
+    On a graph cache miss, Inductor's FX graph cache serves only expert-parallel graphs (the
+    others are traced without a ShapeEnv: "No shape env")."""
     patches.grouped_mm_inputs_keep_eager_strides()
     if cache_dir:
         # Inductor reads this at each lookup; the graph cache's compiled graphs load

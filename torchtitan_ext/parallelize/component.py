@@ -104,8 +104,7 @@ class AliasAwareAutoParallel(Configurable):
         all_reduce_bucket_mb. False: one collective per parameter, where the plan puts it."""
 
         graph_cache_dir: str = "graph_cache"
-        """Plans without expert parallelism: folder of the graph cache
-        (torchtitan_ext/parallelize/graph_cache.py). A start whose model, mesh, batch,
+        """Folder of the graph cache (torchtitan_ext/parallelize/graph_cache.py). A start whose model, mesh, batch,
         dtypes, constraints, compile settings, placement file and versions equal a cached
         start's rebuilds the parallel model from it and skips tracing, solving, applying
         and (compiled) Inductor. Relative paths are under dump_folder; empty: no cache."""
@@ -172,6 +171,9 @@ class AliasAwareAutoParallel(Configurable):
             prepare_inductor(
                 dump_folder=dump_folder, cache_dir=config.compile_cache_dir, ac=spec.ac
             )
+        if spec.expert_parallel:
+            # Before the graph cache too: the rebuilt module has the traced one's MoE modules.
+            enable_expert_parallel(model, mesh=spec.mesh, axes=tuple(spec.axes))
         cache = GraphCache.for_start(config=config, spec=spec, dump_folder=dump_folder)
         cached = cache.load(model, times) if cache is not None else None
         if cached is not None:
@@ -181,8 +183,6 @@ class AliasAwareAutoParallel(Configurable):
             self.last = Start(times, aliases.alias_map, report)
             return parallel_model
 
-        if spec.expert_parallel:
-            enable_expert_parallel(model, mesh=spec.mesh, axes=tuple(spec.axes))
         try:
             parallel_model, autop, captured = self._cold_start(
                 model, spec, aliases, reporter, times, after_init, serializable=cache is not None

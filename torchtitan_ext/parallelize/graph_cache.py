@@ -25,8 +25,9 @@ cache folder, the entry's folder and the file are this user's and not writable b
 others (folders are created 0700, entries 0600, written to a temporary file and renamed).
 Any other entry is a warning naming why, and the start plans as usual.
 
-Plans with expert parallelism are not cached: their graphs have routing-dependent (unbacked)
-sizes that AOTAutograd's serializer does not take. Eager entries hold our eager runner's graphs;
+Plans with expert parallelism are cached too: their graphs size the tokens each rank's experts
+receive from the routing (unbacked sizes), which the bundled form keeps and the rebuilt module
+computes at each step as the traced one does. Eager entries hold our eager runner's graphs;
 compiled entries (--compile.enable) hold Inductor's output code, whose C++ kernels load from
 Inductor's cache folder (the component's compile_cache_dir), built again if it was emptied.
 """
@@ -244,9 +245,9 @@ class GraphCache:
     @classmethod
     def for_start(cls, *, config, spec: PlanSpec, dump_folder: str) -> GraphCache | None:
         """The cache of this start (``config``: the component's), or None: no folder
-        configured, or expert parallelism."""
+        configured."""
         folder = config.graph_cache_dir
-        if not folder or spec.expert_parallel:
+        if not folder:
             return None
         if not os.path.isabs(folder):
             folder = os.path.join(dump_folder, folder)

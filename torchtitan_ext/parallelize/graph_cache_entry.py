@@ -70,6 +70,7 @@ def make_entry(
     """The entry of a cold start, from AutoParallel's state after apply_placement;
     ``input_placement``: the placements (one per mesh axis) the inputs were planned with."""
     from torch._dynamo.aot_compile_types import BundledAOTAutogradSerializableCallable
+    from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
 
     jd = autop.joint_with_descriptors
 
@@ -81,7 +82,8 @@ def make_entry(
     flat_inputs, in_spec = torch.utils._pytree.tree_flatten((tuple(traced.args), traced.kwargs))
     input_shapes = []
     for value in flat_inputs:
-        shape = list(value.shape)
+        # The inputs of an expert-parallel trace have symbolic (backed) sizes.
+        shape = [guarding_hint_or_throw(d) for d in value.shape]
         for axis, placement in enumerate(input_placement):
             if placement.is_shard():
                 shape[placement.dim] //= autop.mesh.size(axis)
