@@ -104,10 +104,11 @@ class AliasAwareAutoParallel(Configurable):
         all_reduce_bucket_mb. False: one collective per parameter, where the plan puts it."""
 
         graph_cache_dir: str = "graph_cache"
-        """Folder of the graph cache (torchtitan_ext/parallelize/graph_cache.py). A start whose model, mesh, batch,
-        dtypes, constraints, compile settings, placement file and versions equal a cached
-        start's rebuilds the parallel model from it and skips tracing, solving, applying
-        and (compiled) Inductor. Relative paths are under dump_folder; empty: no cache."""
+        """Folder of the graph cache (torchtitan_ext/parallelize/graph_cache.py). A start
+        whose model, mesh, batch, dtypes, constraints, compile settings, placement file and
+        versions equal a cached start's rebuilds the parallel model from it and skips
+        tracing, solving, applying and (compiled) Inductor. Relative paths are under
+        dump_folder; empty: no cache."""
 
         dump_placements: bool = False
         """Write the solver's placements (placements.json, the placement_file format; and

@@ -49,50 +49,50 @@ def solve_or_load(
     first) and receive its solution on the others. The solving rank saves the solution to
     ``path`` and, with ``dump_placements``, to ``dump``. Returns the placement AutoParallel's
     apply takes."""
-    from autoparallel.serialization import load_placements, save_placements
+    from autoparallel.serialization import load_placements
 
-    if not loads:
-        placement = _solve_on_one_rank(autop, solver=writes)
-    else:
+    if loads:
         check_placement_file(path, key, parameters=parameters)
         placement = load_placements(autop.sharding_optimizer, path)
         logger.info(f"AutoParallel: loaded placements from {path} (no solve)")
+        if writes and dump_placements:
+            os.makedirs(dump, exist_ok=True)
+            with written_whole(os.path.join(dump, "placements.json")) as tmp:
+                shutil.copyfile(path, tmp)
+        return placement
+    placement, solved = _solve_on_one_rank(autop, solver=writes)
     if not writes:
         return placement
-    os.makedirs(dump, exist_ok=True)
-    # Each file is replaced whole, AutoParallel's placements and our key in one write.
-    if not loads and path:
+    # The text the others received, with our fields: each file is replaced whole.
+    text = _with_our_fields(solved, key, autop.sharding_optimizer.graph)
+    if path:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with written_whole(path) as tmp:
-            save_placements(autop.sharding_optimizer, tmp)
-            _add_our_fields(tmp, key, autop.sharding_optimizer.graph)
+        write_whole(path, text)
         logger.info(f"AutoParallel: saved placements to {path}")
-    dumped = os.path.join(dump, "placements.json")
-    if dump_placements and not loads:
-        with written_whole(dumped) as tmp:
-            save_placements(autop.sharding_optimizer, tmp)
-            _add_our_fields(tmp, key, autop.sharding_optimizer.graph)
+    if dump_placements:
+        os.makedirs(dump, exist_ok=True)
+        write_whole(os.path.join(dump, "placements.json"), text)
         log = autop.sharding_optimizer.get_log(colored=False)
         write_whole(os.path.join(dump, "solution.txt"), log)
-    elif dump_placements:
-        with written_whole(dumped) as tmp:
-            shutil.copyfile(path, tmp)
     return placement
 
 
-def _solve_on_one_rank(autop, *, solver: bool):
+def _solve_on_one_rank(autop, *, solver: bool) -> tuple[object, str | None]:
     """The solve on the mesh's first rank (``solver``); the mesh's other ranks receive its
     placements, or its error, and match them to their strategies. A rank whose graph
-    differs from the solver's cannot match them and stops, naming the node."""
+    differs from the solver's cannot match them and stops, naming the node. Returns the
+    placement and, on the solver, its placements as AutoParallel's save_placements writes
+    them (what the others received)."""
     from autoparallel.serialization import load_placements, save_placements
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     mesh = autop.mesh
-    if mesh.size() == 1:
-        return autop.optimize_placement()
-    # The group and the broadcast's tensors are real; AutoParallel's fake mode is active.
-    with unset_fake_temporarily():
-        group = (mesh if mesh.ndim == 1 else mesh._flatten()).get_group()
+    group = None
+    if mesh.size() > 1:
+        # The group and the broadcast's tensors are real; AutoParallel's fake mode is active.
+        with unset_fake_temporarily():
+            group = (mesh if mesh.ndim == 1 else mesh._flatten()).get_group()
+    solver = solver or group is None
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "placements.json")
         # [placement file text, or the solver's error]
@@ -108,10 +108,11 @@ def _solve_on_one_rank(autop, *, solver: bool):
             raise
         finally:
             # The others wait here for the solution: they receive the error, not a timeout.
-            with unset_fake_temporarily():
-                dist.broadcast_object_list(sent, group=group, group_src=0)
+            if group is not None:
+                with unset_fake_temporarily():
+                    dist.broadcast_object_list(sent, group=group, group_src=0)
         if solver:
-            return placement
+            return placement, sent[0]
         if sent[1] is not None:
             raise RuntimeError(f"the mesh's first rank failed to solve: {sent[1]}")
         with open(path, "w") as f:
@@ -125,23 +126,21 @@ def _solve_on_one_rank(autop, *, solver: bool):
                 "from the same config"
             ) from e
     logger.info("AutoParallel: placements from the mesh's first rank (no solve here)")
-    return placement
+    return placement, None
 
 
-def _add_our_fields(path: str, key: dict, graph) -> None:
-    # Called on the temporary file save_placements wrote, before it replaces the placement
-    # file: the key, and each parameter node's FQN and rank.
+def _with_our_fields(text: str, key: dict, graph) -> str:
+    """AutoParallel's placement file ``text`` with ours: the key, and each parameter node's
+    FQN and rank."""
     from torch._functorch._aot_autograd.fx_utils import get_named_param_nodes
 
-    with open(path) as f:
-        data = json.load(f)
+    data = json.loads(text)
     data[_PLAN_KEY_FIELD] = key
     data[_PARAMETERS_FIELD] = {
         node.name: {"fqn": fqn, "rank": node.meta["val"].dim()}
         for fqn, node in get_named_param_nodes(graph).items()
     }
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2)
+    return json.dumps(data, indent=2)
 
 
 def check_placement_file(path: str, key: dict, *, parameters: dict[str, int]) -> None:
