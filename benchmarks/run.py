@@ -485,11 +485,14 @@ def warm_starts(
     """Start-to-first-step of a cold start, then of ``rounds`` interleaved warm starts
     reusing the cold start's dump folder (placement file, graph cache, compile caches);
     medians. torchtitan's variants get the same treatment (their warm start reuses only the
-    compile caches): they are the baselines."""
+    compile caches): they are the baselines. A variant gets a ratio only if every start's
+    timed-step loss (after one step of training) equals its baseline's cold start's within
+    LOSS_ATOL."""
     extra = ("--autoparallel.placement_file", "placements.json")
     starts: dict[str, dict] = {}
     warm: dict[str, list[float]] = {key: [] for key in keys}
     phases: dict[str, list[dict]] = {key: [] for key in keys}
+    runs: dict[str, list[RunResult]] = {key: [] for key in keys}
 
     def start(key: str, attempt: int) -> tuple[float, dict]:
         variant = BY_KEY[key]
@@ -498,6 +501,7 @@ def warm_starts(
             dump=dump_root / f"warm-{key}", seed_checkpoint=seed_checkpoints[variant.suite],
             extra=extra if variant.autoparallel else (),
         )  # fmt: skip
+        runs[key].append(result)
         seconds = result.start_to_first_step_s if result.returncode == 0 else float("nan")
         print(f"start {attempt} {key}: {seconds:.1f} s", flush=True)
         return seconds, result.startup.get("seconds", {})
@@ -521,10 +525,12 @@ def warm_starts(
         }
         baseline = WARM_BASELINES.get(key)
         if baseline in starts:
-            starts[key]["vs"] = {
-                "baseline": baseline,
-                "warm_s_ratio": starts[key]["warm_s"] / starts[baseline]["warm_s"],
-            }
+            agreement = _loss_agreement(runs[key], runs[baseline][:1], reference=baseline, steps=1)
+            starts[key]["vs"] = {"baseline": baseline, "losses": agreement}
+            if agreement["agree"]:
+                starts[key]["vs"]["warm_s_ratio"] = (
+                    starts[key]["warm_s"] / starts[baseline]["warm_s"]
+                )
     return starts
 
 
@@ -616,7 +622,11 @@ def _markdown(report: dict) -> str:
             rest = w["warm_s"] - sum(p.get(n, 0.0) for n in names)
             rounds = ", ".join(f"{t:.1f}" for t in w.get("warm_rounds_s", [w["warm_s"]]))
             vs = w.get("vs")
-            ratio = f"{vs['warm_s_ratio']:.2f}x {BY_KEY[vs['baseline']].label}" if vs else ""
+            ratio = ""
+            if vs and "warm_s_ratio" in vs:
+                ratio = f"{vs['warm_s_ratio']:.2f}x {BY_KEY[vs['baseline']].label}"
+            elif vs:
+                ratio = f"no ratio: {vs['losses']['why']}"
             lines.append(
                 f"| {w['label']} | {w['cold_s']:.1f} | {w['warm_s']:.1f} | {rounds} | {ratio} "
                 f"| {split if p else ''} | {rest:.1f} |"

@@ -475,6 +475,7 @@ def _plan_on_ranks(ranks: int, *args: str) -> tuple[int, str]:
     return proc.returncode, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow  # 2 gloo ranks under torchrun (~20 s)
 @pytest.mark.engine
 def test_one_rank_solves_and_the_others_apply_its_plan():
     """On 2 gloo ranks, rank 0 builds the solver's ILP and solves; rank 1 receives its
@@ -492,6 +493,7 @@ def test_one_rank_solves_and_the_others_apply_its_plan():
     assert ranks[1]["report"]["parameters"], ranks[1]["report"]
 
 
+@pytest.mark.slow  # 2 gloo ranks under torchrun (~20 s)
 @pytest.mark.engine
 def test_a_failed_solve_stops_every_rank_with_its_error():
     """Rank 0's solve raises: rank 1, waiting for its placements, stops with rank 0's

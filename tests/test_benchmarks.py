@@ -178,6 +178,39 @@ def test_failed_and_partial_rounds_are_reported_and_cost_the_ratio():
     assert "- AutoParallel DDP-like, round 1: exit 1, 0 steps timed" in table
 
 
+def test_warm_starts_are_compared_only_where_the_losses_agree(tmp_path, monkeypatch):
+    """Each AutoParallel variant's warm starts against its torchtitan baseline's, eager and
+    expert-parallel alike: medians of the warm rounds, and a ratio only where every start
+    trained what the baseline's cold start did (its timed-step loss)."""
+    loss = {"titan_moe_ep": 7.0, "ap_moe_ep": 7.0, "titan_fsdp": 7.5, "ap_fsdp": 7.6}
+    seconds = {"titan_moe_ep": 20.0, "ap_moe_ep": 18.0, "titan_fsdp": 10.0, "ap_fsdp": 9.0}
+
+    def run_variant(variant, *, round_index, seed_checkpoint, **kwargs):
+        key = variant.key
+        assert seed_checkpoint == tmp_path / variant.suite
+        return bench.RunResult(
+            key, round_index, returncode=0, losses={3: loss[key]},
+            start_to_first_step_s=seconds[key] * (3 if round_index == 0 else 1) + round_index,
+        )  # fmt: skip
+
+    monkeypatch.setattr(bench, "run_variant", run_variant)
+    starts = bench.warm_starts(
+        ngpu=2, dump_root=tmp_path, keys=["titan_fsdp", "ap_fsdp", "titan_moe_ep", "ap_moe_ep"],
+        seed_checkpoints={"dense": tmp_path / "dense", "moe": tmp_path / "moe"},
+    )  # fmt: skip
+    ep = starts["ap_moe_ep"]
+    assert (ep["cold_s"], ep["warm_rounds_s"], ep["warm_s"]) == (54.0, [19.0, 20.0, 21.0], 20.0)
+    assert ep["vs"]["warm_s_ratio"] == 20.0 / 22.0  # the baseline's median: 21, 22, 23
+    dense = starts["ap_fsdp"]["vs"]
+    assert "warm_s_ratio" not in dense
+    assert "losses differ from torchtitan FSDP's by up to 0.1" in dense["losses"]["why"]
+    table = bench._markdown(_report([], rounds=0) | {"warm_starts": starts})
+    assert (
+        "| MoE: AutoParallel EP 2 | 54.0 | 20.0 | 19.0, 20.0, 21.0 | 0.91x MoE: torchtitan" in table
+    )
+    assert "no ratio: losses differ from torchtitan FSDP's" in table
+
+
 def test_without_autoparallel_the_autoparallel_half_skips_with_a_line(tmp_path):
     """Also without matplotlib (only the bench extra has it): JSON and table, one line on
     how to get the chart, no traceback."""

@@ -29,8 +29,8 @@ from torchtitan_ext.parallelize.spec import PlanSpec, plan_key_of
 CONFIG = "llama3_debugmodel_autoparallel"
 
 
-def parse(*args: str):
-    return ConfigManager().parse_args(["--module", "config_registry", "--config", CONFIG, *args])
+def parse(*args: str, config: str = CONFIG):
+    return ConfigManager().parse_args(["--module", "config_registry", "--config", config, *args])
 
 
 def one_layer(config):
@@ -38,11 +38,11 @@ def one_layer(config):
     return config
 
 
-def start_key(*args: str, edit=None, world_size: int = 2) -> dict:
+def start_key(*args: str, edit=None, world_size: int = 2, config: str = CONFIG) -> dict:
     """The graph cache key a start with these flags computes (no tracing)."""
     from torchtitan.distributed import ParallelDims
 
-    config = parse(*args)
+    config = parse(*args, config=config)
     if edit is not None:
         edit(config)
     config.model_spec.model.update_from_config(config=config)
@@ -278,6 +278,10 @@ def test_every_input_of_the_graphs_changes_the_key(two_fake_ranks, monkeypatch, 
         differ = sorted(name for name in base if key.get(name) != base[name])
         assert differ, f"a change of {what} ({' '.join(flags)}) left the key as it was"
         assert graph_cache.entry_path("c", key) != graph_cache.entry_path("c", base), what
+    # Expert parallelism: the same MoE model planned with and without it.
+    moe = "qwen3_moe_debug_autoparallel"
+    with_ep = start_key("--parallelism.expert_parallel_degree", "2", config=moe)
+    assert with_ep["mesh"] != start_key(config=moe)["mesh"]
     # Engines and this package's source.
     monkeypatch.setattr(torch, "__version__", "2.99.0")
     assert start_key()["torch"] != base["torch"]
