@@ -545,21 +545,24 @@ def _markdown(report: dict) -> str:
             if report["rounds"]
             else "warm starts only."
         ),
-        "",
-        "Losses of every run are compared with its model's reference ("
-        + ", ".join(BY_KEY[suite.reference].label for suite in SUITES.values())
-        + f") over the timed steps (within {LOSS_ATOL:g}); each ratio is against the "
-        "fastest baseline that trains the same and ran every round. Kernels: the seconds "
-        "of matmul and attention kernels in one profiled step after the timed ones (rank "
-        "0, CPU); a ratio's floor is what it would be if nothing else took time (the "
-        "faster run's kernels over the baseline's step): no plan of a dense model gets "
-        "below it (MoE plans move expert work between ranks: there it is indicative).",
-        "",
-        "| variant | s/step | tokens/s | rounds used / run | losses vs reference "
-        "| vs best baseline | kernels (s/step) | start to step 1 (s) | peak RSS/rank (GiB) "
-        "| params+grads+optimizer/rank (MiB) | collectives/step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    if report["rounds"]:
+        lines += [
+            "",
+            "Losses of every run are compared with its model's reference ("
+            + ", ".join(BY_KEY[suite.reference].label for suite in SUITES.values())
+            + f") over the timed steps (within {LOSS_ATOL:g}); each ratio is against the "
+            "fastest baseline that trains the same and ran every round. Kernels: the seconds "
+            "of matmul and attention kernels in one profiled step after the timed ones (rank "
+            "0, CPU); a ratio's floor is what it would be if nothing else took time (the "
+            "faster run's kernels over the baseline's step): no plan of a dense model gets "
+            "below it (MoE plans move expert work between ranks: there it is indicative).",
+            "",
+            "| variant | s/step | tokens/s | rounds used / run | losses vs reference "
+            "| vs best baseline | kernels (s/step) | start to step 1 (s) | peak RSS/rank (GiB) "
+            "| params+grads+optimizer/rank (MiB) | collectives/step |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
     for variant in VARIANTS:
         e = s.get(variant.key)
         if e is None:
@@ -609,6 +612,10 @@ def _markdown(report: dict) -> str:
             lines.append(f"| {variant.label} | {cells} | {share:.2%} | {e['alias_extra_bytes']} |")
     if report.get("warm_starts"):
         lines += [
+            "",
+            "Warm starts reuse their cold start's dump folder; a ratio only where every "
+            "start's loss after one step equals its baseline's cold start's (within "
+            f"{LOSS_ATOL:g}).",
             "",
             "| start to step 1 | cold (s) | warm, median (s) | warm rounds (s) "
             "| warm / torchtitan's warm "

@@ -209,6 +209,7 @@ def test_warm_starts_are_compared_only_where_the_losses_agree(tmp_path, monkeypa
         "| MoE: AutoParallel EP 2 | 54.0 | 20.0 | 19.0, 20.0, 21.0 | 0.91x MoE: torchtitan" in table
     )
     assert "no ratio: losses differ from torchtitan FSDP's" in table
+    assert "| variant | s/step" not in table  # no rounds: no step-time table
 
 
 def test_without_autoparallel_the_autoparallel_half_skips_with_a_line(tmp_path):
