@@ -489,12 +489,10 @@ def warm_starts(
     timed-step loss (after one step of training) equals its baseline's cold start's within
     LOSS_ATOL."""
     extra = ("--autoparallel.placement_file", "placements.json")
-    starts: dict[str, dict] = {}
-    warm: dict[str, list[float]] = {key: [] for key in keys}
-    phases: dict[str, list[dict]] = {key: [] for key in keys}
     runs: dict[str, list[RunResult]] = {key: [] for key in keys}
+    """key -> its cold start, then its warm starts."""
 
-    def start(key: str, attempt: int) -> tuple[float, dict]:
+    def start(key: str, attempt: int) -> None:
         variant = BY_KEY[key]
         result = run_variant(
             variant, round_index=attempt, ngpu=ngpu, warmup=1, steps=1,
@@ -502,27 +500,29 @@ def warm_starts(
             extra=extra if variant.autoparallel else (),
         )  # fmt: skip
         runs[key].append(result)
-        seconds = result.start_to_first_step_s if result.returncode == 0 else float("nan")
-        print(f"start {attempt} {key}: {seconds:.1f} s", flush=True)
-        return seconds, result.startup.get("seconds", {})
+        print(f"start {attempt} {key}: {_start_s(result):.1f} s", flush=True)
 
     for key in keys:
         shutil.rmtree(dump_root / f"warm-{key}", ignore_errors=True)
-        cold_s, cold_phases = start(key, 0)
-        starts[key] = {"label": BY_KEY[key].label, "cold_s": cold_s, "cold_phases_s": cold_phases}
+        start(key, 0)
     for round_index in range(rounds):
         for key in keys[round_index % len(keys) :] + keys[: round_index % len(keys)]:
-            seconds, warm_phases = start(key, round_index + 1)
-            warm[key].append(seconds)
-            phases[key].append(warm_phases)
+            start(key, round_index + 1)
+    starts: dict[str, dict] = {}
     for key in keys:
-        starts[key] |= {
-            "warm_s": _median(warm[key]),
-            "warm_rounds_s": warm[key],
+        cold, *warm = runs[key]
+        warm_s = [_start_s(r) for r in warm]
+        starts[key] = {
+            "label": BY_KEY[key].label,
+            "cold_s": _start_s(cold),
+            "cold_phases_s": cold.startup.get("seconds", {}),
+            "warm_s": _median(warm_s),
+            "warm_rounds_s": warm_s,
             # Where the warm start's time goes: AutoParallel's phases, the rest is launch,
             # model build, compilation (at step 1) and step 1 itself.
-            "warm_phases_s": phases[key][-1] if phases[key] else {},
+            "warm_phases_s": warm[-1].startup.get("seconds", {}) if warm else {},
         }
+    for key in keys:
         baseline = WARM_BASELINES.get(key)
         if baseline in starts:
             agreement = _loss_agreement(runs[key], runs[baseline][:1], reference=baseline, steps=1)
@@ -532,6 +532,10 @@ def warm_starts(
                     starts[key]["warm_s"] / starts[baseline]["warm_s"]
                 )
     return starts
+
+
+def _start_s(result: RunResult) -> float:
+    return result.start_to_first_step_s if result.returncode == 0 else float("nan")
 
 
 def _markdown(report: dict) -> str:
