@@ -319,3 +319,27 @@ def test_benign_warnings_are_silenced_and_others_are_not(one_rank_group):
             warnings.warn(f"{message} (and the rest of it)", category, stacklevel=1)
         warnings.warn("DTensor random operators are something else", UserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["DTensor random operators are something else"]
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_inductor_checks_the_cpu_in_the_machines_cache_folder(device_type, monkeypatch, tmp_path):
+    """A compiled start checks the CPU's vector instructions (Inductor's test builds) in the
+    machine's Inductor cache folder, which keeps them for later starts, and only then points
+    Inductor at the run's own folder; with an accelerator it checks nothing."""
+    from torch._inductor import cpu_vec_isa
+
+    from torchtitan_ext.parallelize.compiler import prepare_inductor
+
+    checked_in = []
+
+    def pick_vec_isa():
+        checked_in.append(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+    monkeypatch.setattr(cpu_vec_isa, "pick_vec_isa", pick_vec_isa)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "machine"))
+    prepare_inductor(
+        dump_folder=str(tmp_path / "run"), cache_dir="compile_cache", ac=False,
+        device_type=device_type,
+    )  # fmt: skip
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "run" / "compile_cache")
+    assert checked_in == ([str(tmp_path / "machine")] if device_type == "cpu" else [])

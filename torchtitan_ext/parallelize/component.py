@@ -170,7 +170,10 @@ class AliasAwareAutoParallel(Configurable):
 
         if spec.compile:
             prepare_inductor(
-                dump_folder=dump_folder, cache_dir=config.compile_cache_dir, ac=spec.ac
+                dump_folder=dump_folder,
+                cache_dir=config.compile_cache_dir,
+                ac=spec.ac,
+                device_type=spec.mesh.device_type,
             )
         if spec.expert_parallel:
             # Before the graph cache too: the rebuilt module has the traced one's MoE modules.
