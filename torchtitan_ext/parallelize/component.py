@@ -90,7 +90,8 @@ class AliasAwareAutoParallel(Configurable):
         """With --compile.enable: Inductor's cache folder, whose C++ kernels a second start
         (from the graph cache, or compiling again) loads instead of building. Relative
         paths are under dump_folder; empty keeps Inductor's default
-        (TORCHINDUCTOR_CACHE_DIR)."""
+        (TORCHINDUCTOR_CACHE_DIR). On CPU, Inductor's check of the vector instructions is
+        made in the machine's folder either way (once per machine)."""
 
         all_reduce_bucket_mb: float = 4.0
         """Compiled, and eager with eager_overlap: merge adjacent independent all-reduces
