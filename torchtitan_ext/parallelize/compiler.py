@@ -27,17 +27,18 @@ from torchtitan_ext.parallelize.report import PlanReporter
 
 def prepare_inductor(*, dump_folder: str, cache_dir: str, ac: bool, device_type: str) -> None:
     """Before a compiled start (graph cache or cold): Inductor's cache folder (its C++
-    kernels and its FX graph cache) under the dump folder, and _grouped_mm's input strides.
+    kernels and its FX graph cache) under the dump folder, its check of the CPU in the
+    machine's folder (on CPU), and _grouped_mm's input strides.
     On a graph cache miss, Inductor's FX graph cache serves only expert-parallel graphs (the
     others are traced without a ShapeEnv: "No shape env")."""
     patches.grouped_mm_inputs_keep_eager_strides()
     if cache_dir:
         if device_type == "cpu":
             # Inductor checks which vector instructions this CPU and compiler support by
-            # building test programs in its cache folder (benchmarks/README.md: ~40% of a
-            # small model's cold compile), once per process: a fact of the machine, so
-            # checked in the machine's folder (TORCHINDUCTOR_CACHE_DIR or Inductor's
-            # default), which keeps the builds for later starts, not in this run's.
+            # building test programs in its cache folder, once per process (a large share
+            # of a small compile: benchmarks/README.md): a fact of the machine, so checked
+            # in the machine's folder (TORCHINDUCTOR_CACHE_DIR or Inductor's default),
+            # which keeps the builds for later starts, not in this run's.
             from torch._inductor.cpu_vec_isa import pick_vec_isa
 
             pick_vec_isa()
