@@ -489,8 +489,8 @@ def warm_starts(
     timed-step loss (after one step of training) equals its baseline's cold start's within
     LOSS_ATOL."""
     extra = ("--autoparallel.placement_file", "placements.json")
+    # key -> its cold start, then its warm starts.
     runs: dict[str, list[RunResult]] = {key: [] for key in keys}
-    """key -> its cold start, then its warm starts."""
 
     def start(key: str, attempt: int) -> None:
         variant = BY_KEY[key]
